@@ -1,0 +1,1338 @@
+# cython: language_level=3
+"""The authorisation kernel: decides whole batches in one nogil loop.
+
+Goals: SPEC §1-§6 and §10 exactly (docs/semantics.md), one writer, no locks,
+no allocation and no Python inside the loop, deterministic (the only time is
+the stamp passed in).  Every table that may grow is grown *before* the loop
+by ``reserve(n)``, which is why the loop can never fail: each request gets
+a status in its answer row, as TigerBeetle's commit fills a results slice.
+
+Non-goals: durability (authcore.storage logs the batch before it reaches
+us), parsing (authcore.records), clocks (authcore.engine).
+
+State lives in numpy arrays owned by ``Kernel``; the loop reads and writes
+them through the packed structs of _kernel.pxd, whose layout is pinned
+against authcore.layout at import.
+"""
+
+cimport cython
+from libc.stdint cimport INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+
+cimport numpy as cnp
+import numpy as np
+
+from . import constants as C
+from .layout import ACCOUNT_DTYPE, CARD_DTYPE, HOLD_DTYPE, REMEMBERED_DTYPE
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* amount_spike: amount * count > factor * total, exactly (128-bit). */
+    static inline int ac_spike(int64_t amount, int64_t count, uint64_t lo, int64_t hi, int64_t factor) {
+        __int128 total = (__int128)(((unsigned __int128)(uint64_t)hi << 64) | (unsigned __int128)lo);
+        return (__int128)amount * (__int128)count > (__int128)factor * total;
+    }
+    static inline void ac_add128(uint64_t *lo, int64_t *hi, int64_t v) {
+        unsigned __int128 t = ((unsigned __int128)(uint64_t)*hi << 64) | (unsigned __int128)*lo;
+        t += (unsigned __int128)(__int128)v;
+        *lo = (uint64_t)t;
+        *hi = (int64_t)(uint64_t)(t >> 64);
+    }
+    #ifndef AUTHCORE_VERIFY
+    #define AUTHCORE_VERIFY 0
+    #endif
+    """
+    int ac_spike(int64_t amount, int64_t count, uint64_t lo, int64_t hi, int64_t factor) noexcept nogil
+    void ac_add128(uint64_t* lo, int64_t* hi, int64_t v) noexcept nogil
+    int AUTHCORE_VERIFY
+
+# Mirrors of authcore.constants (checked equal at import below).
+cdef enum:
+    OP_OPEN = 1
+    OP_DEPOSIT = 2
+    OP_WITHDRAW = 3
+    OP_AUTHORIZE = 4
+    OP_INCREMENT = 5
+    OP_CAPTURE = 6
+    OP_VOID = 7
+    OP_REFUND = 8
+    OP_PURCHASE = 9
+    OP_TRANSFER = 10
+    OP_SET_LIMITS = 11
+    OP_FREEZE = 12
+    OP_UNFREEZE = 13
+    OP_CLOSE = 14
+    OP_ISSUE_CARD = 15
+    OP_QUERY = 16
+
+cdef enum:
+    ST_APPROVED = 0
+    ST_PARTIAL = 1
+    ST_INVALID_AMOUNT = 2
+    ST_INVALID_REQUEST = 3
+    ST_CURRENCY_MISMATCH = 4
+    ST_INSUFFICIENT_FUNDS = 5
+    ST_NO_AUTH = 6
+    ST_AMOUNT_EXCEEDS_HOLD = 7
+    ST_NOT_CAPTURED = 8
+    ST_ACCOUNT_EXISTS = 9
+    ST_UNAVAILABLE = 10
+    ST_NO_ACCOUNT = 11
+    ST_INVALID_CARD = 12
+    ST_ACCOUNT_INACTIVE = 13
+    ST_NOT_PERMITTED = 14
+    ST_LIMIT_EXCEEDED = 15
+    ST_SUSPECTED_FRAUD = 16
+    ST_AUTH_CLOSED = 17
+    ST_AMOUNT_EXCEEDS_CAPTURE = 18
+    ST_BAD_REQUEST = 19
+    ST_ACCOUNT_NOT_EMPTY = 20
+
+cdef enum:
+    CH_ONLINE = 0
+    CH_QR = 1
+    CH_CARD_PRESENT = 2
+    CH_P2P = 3
+    KIND_WALLET = 0
+    KIND_MERCHANT = 1
+    AS_ACTIVE = 0
+    AS_FROZEN = 1
+    AS_CLOSED = 2
+    HS_OPEN = 1
+    HS_CAPTURED = 2
+    HS_VOIDED = 3
+    HS_EXPIRED = 4
+    FLAG_ALLOW_PARTIAL = 1
+    FLAG_SET_CREDIT = 2
+    FLAG_SET_SINGLE = 4
+    FLAG_SET_DAILY = 8
+    FLAG_NO_CARD = 16
+
+cdef int64_t AMOUNT_MAX = C.amount_max
+cdef int64_t BOUND = C.balance_bound
+cdef int64_t LIMIT_MAX = C.limit_max
+cdef int64_t US_PER_DAY = C.us_per_day
+cdef int64_t US_PER_S = C.us_per_s
+cdef uint64_t CURRENCY_MAX = C.currency_max
+cdef uint16_t MCC_MAX = C.mcc_max
+cdef uint64_t PROBE_MAX = C.activity_probe_max
+cdef uint64_t ROWS_INITIAL = C.table_rows_initial
+# Activity/merchant row header words (before the rings).
+cdef enum:
+    ACT_OWNER = 0
+    ACT_LAST = 1
+    ACT_VPOS = 2
+    ACT_CPOS = 3
+    ACT_HEADER = 4
+    M_ID = 0
+    M_POS = 1
+    M_HEADER = 2
+
+
+# --- hashing and the open-addressing index --------------------------------
+
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    """splitmix64's finaliser: client ids are often sequential."""
+    x ^= x >> 30
+    x *= <uint64_t>0xbf58476d1ce4e5b9ULL
+    x ^= x >> 27
+    x *= <uint64_t>0x94d049bb133111ebULL
+    x ^= x >> 31
+    return x
+
+
+cdef inline uint64_t ix_key(Index* ix, uint64_t v) noexcept nogil:
+    return (<uint64_t*>(ix.rows + ((v - 1) & ix.rowmask) * ix.stride))[0]
+
+
+cdef inline uint64_t ix_find(Index* ix, uint64_t key) noexcept nogil:
+    cdef uint64_t h = mix64(key) & ix.mask
+    cdef uint64_t v
+    while True:
+        v = ix.slots[h]
+        if v == 0:
+            return 0
+        if ix_key(ix, v) == key:
+            return v
+        h = (h + 1) & ix.mask
+
+
+cdef inline void ix_insert(Index* ix, uint64_t key, uint64_t value) noexcept nogil:
+    cdef uint64_t h = mix64(key) & ix.mask
+    while ix.slots[h] != 0:
+        h = (h + 1) & ix.mask
+    ix.slots[h] = value
+    ix.count += 1
+
+
+cdef void ix_delete(Index* ix, uint64_t key, uint64_t value) noexcept nogil:
+    """Backward-shift deletion: keeps every probe chain unbroken."""
+    cdef uint64_t i = mix64(key) & ix.mask
+    cdef uint64_t j, k, v
+    while ix.slots[i] != value:
+        if ix.slots[i] == 0:
+            return
+        i = (i + 1) & ix.mask
+    j = i
+    while True:
+        j = (j + 1) & ix.mask
+        v = ix.slots[j]
+        if v == 0:
+            break
+        k = mix64(ix_key(ix, v)) & ix.mask
+        # Leave v where it is if its home k lies cyclically in (i, j].
+        if i <= j:
+            if i < k and k <= j:
+                continue
+        else:
+            if i < k or k <= j:
+                continue
+        ix.slots[i] = v
+        i = j
+    ix.slots[i] = 0
+    ix.count -= 1
+
+
+# --- small helpers ------------------------------------------------------------
+
+cdef inline bint amount_ok(int64_t amount) noexcept nogil:
+    return 0 < amount <= AMOUNT_MAX
+
+
+cdef inline bint limit_ok(int64_t x) noexcept nogil:
+    return 0 <= x <= LIMIT_MAX
+
+
+cdef inline bint in_bound(int64_t x) noexcept nogil:
+    return -BOUND <= x <= BOUND
+
+
+cdef inline int64_t available(Account* a) noexcept nogil:
+    return a.balance + a.credit_limit - a.held
+
+
+cdef inline int64_t spent_on(Account* a, int64_t now) noexcept nogil:
+    if a.spent_day == now // US_PER_DAY:
+        return a.spent_today
+    return 0
+
+
+cdef inline void add_spent(Account* a, int64_t now, int64_t amount) noexcept nogil:
+    cdef int64_t day = now // US_PER_DAY
+    if a.spent_day != day:
+        a.spent_day = day
+        a.spent_today = 0
+    a.spent_today += amount
+    if a.spent_today > BOUND:  # saturate: only compared with limits <= 10^15
+        a.spent_today = BOUND
+
+
+cdef inline Account* account_of(State* S, uint64_t id, uint32_t* row) noexcept nogil:
+    cdef uint64_t v = ix_find(&S.account_index, id)
+    if v == 0:
+        return NULL
+    row[0] = <uint32_t>(v - 1)
+    return &S.accounts[v - 1]
+
+
+cdef inline Hold* hold_of(State* S, uint64_t id) noexcept nogil:
+    cdef uint64_t v = ix_find(&S.hold_index, id)
+    if v == 0:
+        return NULL
+    return &S.holds[(v - 1) & S.hold_rowmask]
+
+
+cdef inline void set_available(Answer* ans, Account* a) noexcept nogil:
+    ans.available = available(a)
+    ans.has_available = 1
+
+
+cdef inline int64_t* credited_balance(State* S, int32_t row, uint16_t currency) noexcept nogil:
+    if row >= 0:
+        return &S.accounts[row].balance
+    return &S.settlement[currency]
+
+
+cdef inline int32_t merchant_account_row(State* S, uint64_t merchant, uint16_t currency) noexcept nogil:
+    """The account a capture credits: the merchant id's, same currency, else settlement (-1)."""
+    cdef uint32_t row
+    cdef Account* m = account_of(S, merchant, &row)
+    if m != NULL and m.currency == currency:
+        return <int32_t>row
+    return -1
+
+
+# --- holds and expiry ------------------------------------------------------
+
+cdef inline void expire_until(State* S, int64_t stamp) noexcept nogil:
+    """Release every open hold whose expiry is at or before ``stamp``.
+
+    Holds are created in stamp order with one TTL, so expiries are sorted by
+    sequence and a single cursor suffices.
+    """
+    cdef Hold* h
+    while S.hold_expire < S.hold_tail:
+        h = &S.holds[S.hold_expire & S.hold_rowmask]
+        if h.expires > stamp:
+            return
+        if h.state == HS_OPEN:
+            S.accounts[h.account].held -= h.remaining
+            h.remaining = 0
+            h.state = HS_EXPIRED
+        S.hold_expire += 1
+
+
+cdef inline Hold* new_hold(State* S, uint64_t id, uint32_t row, uint64_t merchant, int64_t now) noexcept nogil:
+    cdef uint64_t seq = S.hold_tail
+    cdef Hold* h = &S.holds[seq & S.hold_rowmask]
+    memset(h, 0, sizeof(Hold))
+    h.id = id
+    h.merchant = merchant
+    h.account = row
+    h.credited = -1
+    h.expires = now + S.rules.hold_ttl
+    S.hold_tail = seq + 1
+    ix_insert(&S.hold_index, id, seq + 1)
+    return h
+
+
+# --- fraud (SPEC §5) ----------------------------------------------------------
+
+cdef inline int64_t* activity_row(State* S, Account* a, uint32_t row) noexcept nogil:
+    cdef int64_t* r
+    if a.activity == 0:
+        return NULL
+    r = S.act + (a.activity - 1) * S.act_width
+    if r[ACT_OWNER] != row + 1:
+        return NULL  # reused by another account: ours was stale, i.e. empty
+    return r
+
+
+cdef int64_t* activity_claim(State* S, Account* a, uint32_t row, int64_t now) noexcept nogil:
+    """This account's ring row, reusing a stale row or taking a fresh one."""
+    cdef int64_t* r = activity_row(S, a, row)
+    cdef uint64_t k, slot, i
+    cdef bint found = False
+    if r != NULL:
+        return r
+    for k in range(PROBE_MAX):
+        if S.act_high == 0:
+            break
+        if S.act_hand >= S.act_high:
+            S.act_hand = 0
+        slot = S.act_hand
+        S.act_hand += 1
+        if S.act[slot * S.act_width + ACT_LAST] <= now - S.rules.activity_window:
+            found = True
+            break
+    if not found:
+        slot = S.act_high  # reserve() guarantees room
+        S.act_high += 1
+    r = S.act + slot * S.act_width
+    r[ACT_OWNER] = row + 1
+    r[ACT_LAST] = INT64_MIN
+    r[ACT_VPOS] = 0
+    r[ACT_CPOS] = 0
+    for i in range(ACT_HEADER, S.act_width):
+        r[i] = INT64_MIN
+    a.activity = <uint32_t>(slot + 1)
+    return r
+
+
+cdef inline int64_t* merchant_row(State* S, uint64_t merchant, bint create) noexcept nogil:
+    cdef uint64_t v = ix_find(&S.merchant_index, merchant)
+    cdef int64_t* r
+    if v != 0:
+        return S.merchants + (v - 1) * S.merchant_width
+    if not create:
+        return NULL
+    r = S.merchants + S.merchant_count * S.merchant_width
+    memset(r, 0, S.merchant_width * sizeof(int64_t))
+    r[M_ID] = <int64_t>merchant
+    S.merchant_count += 1
+    ix_insert(&S.merchant_index, merchant, S.merchant_count)
+    return r
+
+
+cdef inline void record_attempt(State* S, Account* a, uint32_t row, uint64_t merchant,
+                                int64_t amount, int64_t now, bint declined) noexcept nogil:
+    cdef int64_t* r = activity_claim(S, a, row, now)
+    cdef int64_t n_v = S.rules.velocity_attempts
+    cdef int64_t n_c = S.rules.card_attempts
+    cdef int64_t* m
+    r[ACT_HEADER + r[ACT_VPOS]] = now
+    r[ACT_VPOS] = (r[ACT_VPOS] + 1) % n_v
+    if amount <= S.rules.card_max_amount:
+        r[ACT_HEADER + n_v + r[ACT_CPOS]] = now
+        r[ACT_CPOS] = (r[ACT_CPOS] + 1) % n_c
+    r[ACT_LAST] = now
+    if merchant != 0:
+        m = merchant_row(S, merchant, True)
+        m[M_HEADER + m[M_POS]] = -now if declined else now
+        m[M_POS] = (m[M_POS] + 1) % S.rules.burst_last
+
+
+cdef int64_t fraud_score(State* S, Account* a, uint32_t row, Request* r, int64_t now,
+                         uint8_t channel, uint64_t merchant) noexcept nogil:
+    """The §5 score of spending ``r.amount``; transfers pass channel p2p and
+    merchant 0, and their mcc is ignored."""
+    cdef Rules* R = &S.rules
+    cdef int64_t score = 0
+    cdef int64_t* act = activity_row(S, a, row)
+    cdef int64_t* m
+    cdef int64_t i, s, declines
+    if act != NULL:
+        # The ring holds the last N attempts; N of them fall in the window
+        # exactly when the oldest of the N (the next to be overwritten) does.
+        if act[ACT_HEADER + act[ACT_VPOS]] > now - R.velocity_window:
+            score += R.velocity_points
+        if act[ACT_HEADER + R.velocity_attempts + act[ACT_CPOS]] > now - R.card_window:
+            score += R.card_points
+    if (a.spend_count >= R.spike_min_approved and r.amount >= R.spike_min_amount
+            and ac_spike(r.amount, a.spend_count, a.spend_total_lo, a.spend_total_hi, R.spike_factor)):
+        score += R.spike_points
+    if ((channel == CH_QR or channel == CH_CARD_PRESENT) and a.travel_stamp != 0
+            and a.travel_country != r.country and now - a.travel_stamp < R.travel_window):
+        score += R.travel_points
+    if now - a.opened_at < R.new_age and r.amount >= R.new_min_amount:
+        score += R.new_points
+    if r.op != OP_TRANSFER and r.mcc <= MCC_MAX and S.risky_mcc[r.mcc]:
+        score += R.mcc_points
+    if merchant != 0:
+        m = merchant_row(S, merchant, False)
+        if m != NULL:
+            declines = 0
+            for i in range(R.burst_last):
+                s = m[M_HEADER + i]
+                if s < 0 and -s > now - R.burst_window:
+                    declines += 1
+            if declines >= R.burst_declines:
+                score += R.burst_points
+    return score
+
+
+# --- operations -----------------------------------------------------------------
+# Each returns the status; checks are written one per line in SPEC order.
+
+cdef uint8_t op_open(State* S, Request* r, Answer* ans, int64_t now) noexcept nogil:
+    cdef uint32_t row
+    cdef Account* a
+    if r.id == 0 or r.account == 0:
+        return ST_INVALID_REQUEST
+    if r.currency == 0 or r.currency > CURRENCY_MAX:
+        return ST_INVALID_REQUEST
+    if r.kind > KIND_MERCHANT:
+        return ST_INVALID_REQUEST
+    if not limit_ok(r.amount) or not limit_ok(r.single_limit) or not limit_ok(r.daily_limit):
+        return ST_INVALID_AMOUNT
+    a = account_of(S, r.account, &row)
+    if a != NULL:
+        set_available(ans, a)
+        return ST_ACCOUNT_EXISTS
+    row = <uint32_t>S.account_count
+    a = &S.accounts[row]
+    memset(a, 0, sizeof(Account))
+    a.id = r.account
+    a.currency = r.currency
+    a.kind = r.kind
+    a.status = AS_ACTIVE
+    a.credit_limit = r.amount
+    a.single_limit = r.single_limit
+    a.daily_limit = r.daily_limit
+    a.opened_at = now
+    a.spent_day = -1
+    S.account_count += 1
+    ix_insert(&S.account_index, r.account, row + 1)
+    set_available(ans, a)
+    return ST_APPROVED
+
+
+cdef uint8_t op_deposit_withdraw(State* S, Request* r, Answer* ans, bint deposit) noexcept nogil:
+    cdef uint32_t row
+    cdef Account* a
+    cdef int64_t* settle
+    if r.id == 0 or r.account == 0:
+        return ST_INVALID_REQUEST
+    if not amount_ok(r.amount):
+        return ST_INVALID_AMOUNT
+    a = account_of(S, r.account, &row)
+    if a == NULL:
+        return ST_NO_ACCOUNT
+    set_available(ans, a)
+    if r.currency != 0 and r.currency != a.currency:
+        return ST_CURRENCY_MISMATCH
+    if a.status != AS_ACTIVE:
+        return ST_ACCOUNT_INACTIVE
+    settle = &S.settlement[a.currency]
+    if deposit:
+        if not in_bound(a.balance + r.amount) or not in_bound(settle[0] - r.amount):
+            return ST_INVALID_AMOUNT
+        a.balance += r.amount
+        settle[0] -= r.amount
+    else:
+        if a.balance - a.held < r.amount:
+            return ST_INSUFFICIENT_FUNDS
+        if not in_bound(settle[0] + r.amount):
+            return ST_INVALID_AMOUNT
+        a.balance -= r.amount
+        settle[0] += r.amount
+    set_available(ans, a)
+    return ST_APPROVED
+
+
+cdef uint8_t spend_checks(State* S, Account* a, uint32_t row, Request* r, Answer* ans, int64_t now,
+                          uint8_t channel, uint64_t merchant, bint may_partial,
+                          int64_t* approved, int64_t* score) noexcept nogil:
+    """SPEC §4 steps 2-7 for the spender; sets approved and score."""
+    cdef int64_t av
+    if a.status != AS_ACTIVE:
+        return ST_ACCOUNT_INACTIVE
+    if a.kind != KIND_WALLET:
+        return ST_NOT_PERMITTED
+    if a.single_limit > 0 and r.amount > a.single_limit:
+        return ST_LIMIT_EXCEEDED
+    if a.daily_limit > 0 and spent_on(a, now) + r.amount > a.daily_limit:
+        return ST_LIMIT_EXCEEDED
+    if S.rules.enabled:
+        score[0] = fraud_score(S, a, row, r, now, channel, merchant)
+        if score[0] >= S.rules.decline_score:
+            return ST_SUSPECTED_FRAUD
+    av = available(a)
+    approved[0] = r.amount
+    if r.amount > av:
+        if may_partial and av > 0:
+            approved[0] = av
+            return ST_PARTIAL
+        return ST_INSUFFICIENT_FUNDS
+    return ST_APPROVED
+
+
+cdef inline void note_spend(Account* a, int64_t now, int64_t approved) noexcept nogil:
+    add_spent(a, now, approved)
+    a.spend_count += 1
+    ac_add128(&a.spend_total_lo, &a.spend_total_hi, approved)
+
+
+cdef uint8_t op_spend(State* S, Request* r, Answer* ans, int64_t now, bint purchase) noexcept nogil:
+    cdef uint32_t row
+    cdef Account* a
+    cdef Hold* h
+    cdef int64_t approved = 0
+    cdef int64_t score = 0
+    cdef int32_t credited = -1
+    cdef int64_t* cbal
+    cdef uint8_t st
+    if r.id == 0 or r.account == 0 or r.to == 0 or r.channel > CH_P2P:
+        return ST_INVALID_REQUEST
+    if S.remembered_head != 0 and ix_find(&S.hold_index, r.id) != 0:
+        return ST_INVALID_REQUEST  # id reused after the idempotency memory forgot it
+    if not amount_ok(r.amount):
+        return ST_INVALID_AMOUNT
+    a = account_of(S, r.account, &row)
+    if a == NULL:
+        return ST_NO_ACCOUNT
+    set_available(ans, a)
+    if r.currency != a.currency:
+        return ST_CURRENCY_MISMATCH
+    st = spend_checks(S, a, row, r, ans, now, r.channel, r.to, r.flags & FLAG_ALLOW_PARTIAL, &approved, &score)
+    if (st == ST_APPROVED or st == ST_PARTIAL) and purchase:
+        credited = merchant_account_row(S, r.to, a.currency)
+        if credited != <int32_t>row:
+            cbal = credited_balance(S, credited, a.currency)
+            if not in_bound(cbal[0] + approved):
+                st = ST_INVALID_AMOUNT
+    if st == ST_APPROVED or st == ST_PARTIAL:
+        h = new_hold(S, r.id, row, r.to, now)
+        if purchase:
+            a.balance -= approved
+            cbal = credited_balance(S, credited, a.currency)
+            cbal[0] += approved
+            h.state = HS_CAPTURED
+            h.captured = approved
+            h.credited = credited
+        else:
+            a.held += approved
+            h.remaining = approved
+            h.state = HS_OPEN
+        note_spend(a, now, approved)
+        if r.channel == CH_QR or r.channel == CH_CARD_PRESENT:
+            a.travel_stamp = now
+            a.travel_country = r.country
+        ans.approved_amount = approved
+        ans.review = S.rules.enabled and score >= S.rules.review_score
+    record_attempt(S, a, row, r.to, r.amount, now, not (st == ST_APPROVED or st == ST_PARTIAL))
+    set_available(ans, a)
+    return st
+
+
+cdef uint8_t op_transfer(State* S, Request* r, Answer* ans, int64_t now) noexcept nogil:
+    cdef uint32_t row, to_row
+    cdef Account* a
+    cdef Account* b
+    cdef int64_t approved = 0
+    cdef int64_t score = 0
+    cdef uint8_t st
+    if r.id == 0 or r.account == 0 or r.to == 0 or r.to == r.account:
+        return ST_INVALID_REQUEST
+    if not amount_ok(r.amount):
+        return ST_INVALID_AMOUNT
+    a = account_of(S, r.account, &row)
+    if a == NULL:
+        return ST_NO_ACCOUNT
+    set_available(ans, a)
+    b = account_of(S, r.to, &to_row)
+    if r.currency != 0 and r.currency != a.currency:
+        st = ST_CURRENCY_MISMATCH
+    elif b == NULL:
+        st = ST_NO_ACCOUNT
+    elif b.currency != a.currency:
+        st = ST_CURRENCY_MISMATCH
+    elif b.status != AS_ACTIVE:
+        st = ST_ACCOUNT_INACTIVE
+    else:
+        st = spend_checks(S, a, row, r, ans, now, CH_P2P, 0, False, &approved, &score)
+        if st == ST_APPROVED and not in_bound(b.balance + approved):
+            st = ST_INVALID_AMOUNT
+    if st == ST_APPROVED:
+        a.balance -= approved
+        b.balance += approved
+        note_spend(a, now, approved)
+        ans.approved_amount = approved
+        ans.review = S.rules.enabled and score >= S.rules.review_score
+    record_attempt(S, a, row, 0, r.amount, now, st != ST_APPROVED)
+    set_available(ans, a)
+    return st
+
+
+cdef uint8_t op_increment(State* S, Request* r, Answer* ans, int64_t now) noexcept nogil:
+    cdef Hold* h
+    cdef Account* a
+    if r.id == 0 or r.account == 0:
+        return ST_INVALID_REQUEST
+    if not amount_ok(r.amount):
+        return ST_INVALID_AMOUNT
+    h = hold_of(S, r.account)
+    if h == NULL:
+        return ST_NO_AUTH
+    a = &S.accounts[h.account]
+    set_available(ans, a)
+    if h.state != HS_OPEN:
+        return ST_AUTH_CLOSED
+    if a.status != AS_ACTIVE:
+        return ST_ACCOUNT_INACTIVE
+    if a.single_limit > 0 and h.remaining + r.amount > a.single_limit:
+        return ST_LIMIT_EXCEEDED
+    if a.daily_limit > 0 and spent_on(a, now) + r.amount > a.daily_limit:
+        return ST_LIMIT_EXCEEDED
+    if r.amount > available(a):
+        return ST_INSUFFICIENT_FUNDS
+    h.remaining += r.amount
+    a.held += r.amount
+    add_spent(a, now, r.amount)
+    ans.approved_amount = r.amount
+    set_available(ans, a)
+    return ST_APPROVED
+
+
+cdef uint8_t op_capture_void(State* S, Request* r, Answer* ans, bint capture) noexcept nogil:
+    cdef Hold* h
+    cdef Account* a
+    cdef int64_t amount
+    cdef int32_t credited
+    cdef int64_t* cbal
+    if r.id == 0 or r.account == 0:
+        return ST_INVALID_REQUEST
+    if not (0 <= r.amount <= AMOUNT_MAX):
+        return ST_INVALID_AMOUNT
+    h = hold_of(S, r.account)
+    if h == NULL:
+        return ST_NO_AUTH
+    a = &S.accounts[h.account]
+    set_available(ans, a)
+    if h.state != HS_OPEN:
+        return ST_AUTH_CLOSED
+    if r.amount > h.remaining:
+        return ST_AMOUNT_EXCEEDS_HOLD
+    amount = r.amount if r.amount != 0 else h.remaining
+    if capture:
+        credited = merchant_account_row(S, h.merchant, a.currency)
+        cbal = credited_balance(S, credited, a.currency)
+        if credited != <int32_t>h.account and not in_bound(cbal[0] + amount):
+            return ST_INVALID_AMOUNT
+        a.balance -= amount
+        a.held -= h.remaining
+        cbal[0] += amount
+        h.remaining = 0
+        h.captured = amount
+        h.credited = credited
+        h.state = HS_CAPTURED
+    else:
+        a.held -= amount
+        h.remaining -= amount
+        if h.remaining == 0:
+            h.state = HS_VOIDED
+    ans.approved_amount = amount
+    set_available(ans, a)
+    return ST_APPROVED
+
+
+cdef uint8_t op_refund(State* S, Request* r, Answer* ans) noexcept nogil:
+    cdef Hold* h
+    cdef Account* a
+    cdef int64_t* cbal
+    if r.id == 0 or r.account == 0:
+        return ST_INVALID_REQUEST
+    if not amount_ok(r.amount):
+        return ST_INVALID_AMOUNT
+    h = hold_of(S, r.account)
+    if h == NULL:
+        return ST_NO_AUTH
+    a = &S.accounts[h.account]
+    set_available(ans, a)
+    if h.state != HS_CAPTURED:
+        return ST_NOT_CAPTURED
+    if a.status == AS_CLOSED:
+        return ST_ACCOUNT_INACTIVE
+    if h.refunded + r.amount > h.captured:
+        return ST_AMOUNT_EXCEEDS_CAPTURE
+    cbal = credited_balance(S, h.credited, a.currency)
+    if h.credited != <int32_t>h.account:
+        if not in_bound(a.balance + r.amount) or not in_bound(cbal[0] - r.amount):
+            return ST_INVALID_AMOUNT
+    a.balance += r.amount
+    cbal[0] -= r.amount
+    h.refunded += r.amount
+    ans.approved_amount = r.amount
+    set_available(ans, a)
+    return ST_APPROVED
+
+
+cdef uint8_t op_admin(State* S, Request* r, Answer* ans) noexcept nogil:
+    """set_limits, freeze, unfreeze, close, issue_card."""
+    cdef uint32_t row
+    cdef Account* a
+    cdef uint8_t op = r.op
+    if r.id == 0 or r.account == 0:
+        return ST_INVALID_REQUEST
+    if op == OP_SET_LIMITS:
+        if (r.flags & FLAG_SET_CREDIT) and not limit_ok(r.amount):
+            return ST_INVALID_AMOUNT
+        if (r.flags & FLAG_SET_SINGLE) and not limit_ok(r.single_limit):
+            return ST_INVALID_AMOUNT
+        if (r.flags & FLAG_SET_DAILY) and not limit_ok(r.daily_limit):
+            return ST_INVALID_AMOUNT
+    a = account_of(S, r.account, &row)
+    if a == NULL:
+        return ST_NO_ACCOUNT
+    set_available(ans, a)
+    if r.currency != 0 and r.currency != a.currency:
+        return ST_CURRENCY_MISMATCH
+    if op == OP_CLOSE:
+        if a.held != 0 or a.balance != 0:
+            return ST_ACCOUNT_NOT_EMPTY
+        a.status = AS_CLOSED
+        return ST_APPROVED
+    if a.status == AS_CLOSED:
+        return ST_ACCOUNT_INACTIVE
+    if op == OP_SET_LIMITS:
+        if r.flags & FLAG_SET_CREDIT:
+            a.credit_limit = r.amount
+        if r.flags & FLAG_SET_SINGLE:
+            a.single_limit = r.single_limit
+        if r.flags & FLAG_SET_DAILY:
+            a.daily_limit = r.daily_limit
+        set_available(ans, a)
+        return ST_APPROVED
+    if op == OP_FREEZE:
+        a.status = AS_FROZEN
+        return ST_APPROVED
+    if op == OP_UNFREEZE:
+        a.status = AS_ACTIVE
+        return ST_APPROVED
+    return op_issue_card(S, r, a)
+
+
+cdef Card* card_find(State* S, const uint8_t* pan_hash) noexcept nogil:
+    """Cards are keyed by the first 8 hash bytes; the other 24 settle ties."""
+    cdef uint64_t key
+    memcpy(&key, pan_hash, 8)
+    cdef Index* ix = &S.card_index
+    cdef uint64_t h = mix64(key) & ix.mask
+    cdef uint64_t v
+    cdef Card* c
+    while True:
+        v = ix.slots[h]
+        if v == 0:
+            return NULL
+        c = &S.cards[v - 1]
+        if c.key == key and memcmp(c.rest, pan_hash + 8, 24) == 0:
+            return c
+        h = (h + 1) & ix.mask
+
+
+cdef uint8_t op_issue_card(State* S, Request* r, Account* a) noexcept nogil:
+    cdef const uint8_t* pan_hash = <const uint8_t*>&r.to
+    cdef uint8_t zero[32]
+    cdef Card* card
+    memset(zero, 0, 32)
+    if memcmp(pan_hash, zero, 32) == 0:
+        return ST_INVALID_CARD
+    card = card_find(S, pan_hash)
+    if card != NULL:
+        if card.account != a.id:
+            return ST_INVALID_CARD
+        return ST_APPROVED
+    card = &S.cards[S.card_count]
+    memcpy(card, pan_hash, 32)
+    card.account = a.id
+    S.card_count += 1
+    ix_insert(&S.card_index, card.key, S.card_count)
+    return ST_APPROVED
+
+
+cdef uint8_t op_query(State* S, Request* r, Answer* ans) noexcept nogil:
+    cdef uint32_t row
+    cdef Account* a
+    if r.account == 0:
+        return ST_INVALID_REQUEST
+    a = account_of(S, r.account, &row)
+    if a == NULL:
+        return ST_NO_ACCOUNT
+    set_available(ans, a)
+    ans.balance = a.balance
+    ans.credit_limit = a.credit_limit
+    ans.held = a.held
+    ans.account_status = a.status
+    return ST_APPROVED
+
+
+cdef inline void remember(State* S, Answer* ans) noexcept nogil:
+    cdef uint64_t seq = S.remembered_tail
+    cdef Remembered* m = &S.remembered[seq & S.remembered_rowmask]
+    m.id = ans.id
+    m.stamp = ans.stamp
+    m.available = ans.available
+    m.approved_amount = ans.approved_amount
+    m.status = ans.status
+    m.review = ans.review
+    m.has_available = ans.has_available
+    m.op = ans.op
+    memset(m._pad, 0, 4)
+    S.remembered_tail = seq + 1
+    ix_insert(&S.remembered_index, ans.id, seq + 1)
+
+
+cdef void decide_one(State* S, Request* r, Answer* ans, int64_t now) noexcept nogil:
+    cdef uint64_t v
+    cdef Remembered* m
+    cdef uint8_t op = r.op
+    cdef uint8_t st
+    memset(ans, 0, sizeof(Answer))
+    ans.id = r.id
+    ans.op = op
+    ans.stamp = now
+    expire_until(S, now)
+    if op == OP_QUERY:
+        ans.stamp = 0
+        ans.status = op_query(S, r, ans)
+        return
+    if r.id != 0:
+        v = ix_find(&S.remembered_index, r.id)
+        if v != 0:
+            m = &S.remembered[(v - 1) & S.remembered_rowmask]
+            ans.stamp = m.stamp
+            ans.available = m.available
+            ans.approved_amount = m.approved_amount
+            ans.status = m.status
+            ans.review = m.review
+            ans.has_available = m.has_available
+            ans.op = m.op
+            return
+    if op == OP_AUTHORIZE or op == OP_PURCHASE:
+        if r.flags & FLAG_NO_CARD:
+            st = ST_INVALID_REQUEST if r.id == 0 else ST_NO_ACCOUNT
+        else:
+            st = op_spend(S, r, ans, now, op == OP_PURCHASE)
+    elif op == OP_TRANSFER:
+        st = op_transfer(S, r, ans, now)
+    elif op == OP_CAPTURE:
+        st = op_capture_void(S, r, ans, True)
+    elif op == OP_VOID:
+        st = op_capture_void(S, r, ans, False)
+    elif op == OP_INCREMENT:
+        st = op_increment(S, r, ans, now)
+    elif op == OP_REFUND:
+        st = op_refund(S, r, ans)
+    elif op == OP_DEPOSIT:
+        st = op_deposit_withdraw(S, r, ans, True)
+    elif op == OP_WITHDRAW:
+        st = op_deposit_withdraw(S, r, ans, False)
+    elif op == OP_OPEN:
+        st = op_open(S, r, ans, now)
+    elif OP_SET_LIMITS <= op <= OP_ISSUE_CARD:
+        st = op_admin(S, r, ans)
+    else:
+        ans.status = ST_BAD_REQUEST
+        return
+    ans.status = st
+    if st != ST_APPROVED and st != ST_PARTIAL:
+        ans.approved_amount = 0
+        ans.review = 0
+    if r.id != 0:
+        remember(S, ans)
+
+
+cdef void decide_batch(State* S, Request* reqs, Answer* answers, Py_ssize_t n, int64_t stamp0) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        decide_one(S, &reqs[i], &answers[i], stamp0 + i)
+
+
+# --- layout pinning -----------------------------------------------------------
+
+cdef Py_ssize_t _off(void* field, void* base):
+    return <char*>field - <char*>base
+
+
+def _check_layout():
+    """Each C struct must match its numpy dtype byte for byte."""
+    cdef Request rq
+    cdef Answer an
+    cdef Account ac
+    cdef Hold ho
+    cdef Remembered re
+    cdef Card ca
+    assert sizeof(Request) == C.REQUEST_DTYPE.itemsize
+    assert sizeof(Answer) == C.ANSWER_DTYPE.itemsize
+    assert sizeof(Account) == ACCOUNT_DTYPE.itemsize
+    assert sizeof(Hold) == HOLD_DTYPE.itemsize
+    assert sizeof(Remembered) == REMEMBERED_DTYPE.itemsize
+    assert sizeof(Card) == CARD_DTYPE.itemsize
+    checks = [
+        (C.REQUEST_DTYPE, "to", _off(&rq.to, &rq)),
+        (C.REQUEST_DTYPE, "currency", _off(&rq.currency, &rq)),
+        (C.REQUEST_DTYPE, "flags", _off(&rq.flags, &rq)),
+        (C.ANSWER_DTYPE, "held", _off(&an.held, &an)),
+        (C.ANSWER_DTYPE, "has_available", _off(&an.has_available, &an)),
+        (ACCOUNT_DTYPE, "travel_stamp", _off(&ac.travel_stamp, &ac)),
+        (ACCOUNT_DTYPE, "activity", _off(&ac.activity, &ac)),
+        (ACCOUNT_DTYPE, "kind", _off(&ac.kind, &ac)),
+        (HOLD_DTYPE, "account", _off(&ho.account, &ho)),
+        (HOLD_DTYPE, "state", _off(&ho.state, &ho)),
+        (REMEMBERED_DTYPE, "op", _off(&re.op, &re)),
+        (CARD_DTYPE, "account", _off(&ca.account, &ca)),
+    ]
+    for dtype, name, off in checks:
+        assert dtype.fields[name][1] == off, (name, off)
+    for name in ("open", "authorize", "query", "issue_card", "transfer"):
+        assert int(getattr(C.Op, name)) == {"open": OP_OPEN, "authorize": OP_AUTHORIZE, "query": OP_QUERY,
+                                             "issue_card": OP_ISSUE_CARD, "transfer": OP_TRANSFER}[name]
+    assert int(C.Status.account_not_empty) == ST_ACCOUNT_NOT_EMPTY
+    assert int(C.Status.bad_request) == ST_BAD_REQUEST
+    assert int(C.FLAG_NO_CARD) == FLAG_NO_CARD
+
+
+_check_layout()
+
+
+def _pow2_at_least(n):
+    p = ROWS_INITIAL
+    while p < n:
+        p <<= 1
+    return p
+
+
+# --- the Python-facing kernel -------------------------------------------------
+
+cdef class Kernel:
+    """All state of one shard and the batch decision function.
+
+    Not thread-safe by design: exactly one writer calls ``decide``.
+    """
+
+    cdef State S
+    cdef object accounts, account_slots
+    cdef object holds, hold_slots
+    cdef object remembered, remembered_slots
+    cdef object merchants, merchant_slots
+    cdef object cards, card_slots
+    cdef object act, settlement, risky
+    cdef public object rules_dict
+    cdef public uint64_t remembered_max
+    cdef public uint64_t holds_retained_max
+
+    def __cinit__(self, dict rules, uint64_t remembered_max=C.idempotency_ids_max_default,
+                  uint64_t holds_retained_max=C.holds_retained_max_default):
+        memset(&self.S, 0, sizeof(State))
+        self.remembered_max = remembered_max
+        self.holds_retained_max = holds_retained_max
+        self.settlement = np.zeros(C.currency_max + 1, np.int64)
+        self.risky = np.zeros(C.mcc_max + 1, np.uint8)
+        self._set_rules(rules)
+        n = ROWS_INITIAL
+        self.accounts = np.zeros(n, ACCOUNT_DTYPE)
+        self.holds = np.zeros(n, HOLD_DTYPE)
+        self.remembered = np.zeros(n, REMEMBERED_DTYPE)
+        self.merchants = np.zeros((n, self.S.merchant_width), np.int64)
+        self.cards = np.zeros(n, CARD_DTYPE)
+        self.act = np.zeros((n, self.S.act_width), np.int64)
+        self.account_slots = np.zeros(2 * n, np.uint64)
+        self.hold_slots = np.zeros(2 * n, np.uint64)
+        self.remembered_slots = np.zeros(2 * n, np.uint64)
+        self.merchant_slots = np.zeros(2 * n, np.uint64)
+        self.card_slots = np.zeros(2 * n, np.uint64)
+        self._bind()
+
+    def _set_rules(self, dict d):
+        """Install §5 settings (seconds → µs).  Ring widths follow them."""
+        f = d["fraud"]
+        cdef Rules* R = &self.S.rules
+        R.enabled = bool(f["enabled"])
+        R.decline_score = f["decline_score"]
+        R.review_score = f["review_score"]
+        R.velocity_window = f["velocity"]["window_seconds"] * US_PER_S
+        R.velocity_attempts = f["velocity"]["attempts"]
+        R.velocity_points = f["velocity"]["points"]
+        R.card_window = f["card_testing"]["window_seconds"] * US_PER_S
+        R.card_attempts = f["card_testing"]["attempts"]
+        R.card_max_amount = f["card_testing"]["max_amount"]
+        R.card_points = f["card_testing"]["points"]
+        R.spike_min_approved = f["amount_spike"]["min_approved"]
+        R.spike_min_amount = f["amount_spike"]["min_amount"]
+        R.spike_factor = f["amount_spike"]["factor"]
+        R.spike_points = f["amount_spike"]["points"]
+        R.travel_window = f["impossible_travel"]["window_seconds"] * US_PER_S
+        R.travel_points = f["impossible_travel"]["points"]
+        R.new_age = f["new_account"]["age_seconds"] * US_PER_S
+        R.new_min_amount = f["new_account"]["min_amount"]
+        R.new_points = f["new_account"]["points"]
+        R.mcc_points = f["risky_mcc"]["points"]
+        R.burst_window = f["merchant_burst"]["window_seconds"] * US_PER_S
+        R.burst_last = f["merchant_burst"]["last_attempts"]
+        R.burst_declines = f["merchant_burst"]["declines"]
+        R.burst_points = f["merchant_burst"]["points"]
+        R.hold_ttl = d["hold_ttl_seconds"] * US_PER_S
+        R.activity_window = max(R.velocity_window, R.card_window)
+        assert 1 <= R.velocity_attempts <= C.ring_size_max
+        assert 1 <= R.card_attempts <= C.ring_size_max
+        assert 1 <= R.burst_last <= C.ring_size_max
+        self.risky[:] = 0
+        for m in f["risky_mcc"]["mccs"]:
+            self.risky[m] = 1
+        self.S.act_width = ACT_HEADER + R.velocity_attempts + R.card_attempts
+        self.S.merchant_width = M_HEADER + R.burst_last
+        self.rules_dict = d
+
+    def set_rules(self, dict d):
+        """Change decision settings (a CONFIG log record).  Rings are rebuilt
+        only if their widths change, which forgets recent attempts."""
+        old_act, old_m = self.S.act_width, self.S.merchant_width
+        self._set_rules(d)
+        if self.S.act_width != old_act:
+            self.act = np.zeros((len(self.act), self.S.act_width), np.int64)
+            self.S.act_high = 0
+            self.S.act_hand = 0
+            self.accounts["activity"] = 0
+        if self.S.merchant_width != old_m:
+            old = self.merchants[: self.S.merchant_count]
+            self.merchants = np.zeros((len(self.merchants), self.S.merchant_width), np.int64)
+            self.merchants[: self.S.merchant_count, 0] = old[:, 0]
+        self._bind()
+
+    cdef void _bind_index(self, Index* ix, object slots, char* rows, uint64_t stride, uint64_t rowmask):
+        cdef cnp.ndarray s = slots
+        ix.slots = <uint64_t*>cnp.PyArray_DATA(s)
+        ix.mask = <uint64_t>len(slots) - 1
+        ix.rows = rows
+        ix.stride = stride
+        ix.rowmask = rowmask
+
+    cdef void _bind(self):
+        """Refresh every raw pointer after arrays were (re)allocated."""
+        cdef State* S = &self.S
+        S.accounts = <Account*>cnp.PyArray_DATA(<cnp.ndarray>self.accounts)
+        S.holds = <Hold*>cnp.PyArray_DATA(<cnp.ndarray>self.holds)
+        S.hold_rowmask = len(self.holds) - 1
+        S.remembered = <Remembered*>cnp.PyArray_DATA(<cnp.ndarray>self.remembered)
+        S.remembered_rowmask = len(self.remembered) - 1
+        S.merchants = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>self.merchants)
+        S.cards = <Card*>cnp.PyArray_DATA(<cnp.ndarray>self.cards)
+        S.act = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>self.act)
+        S.settlement = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>self.settlement)
+        S.risky_mcc = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self.risky)
+        self._bind_index(&S.account_index, self.account_slots, <char*>S.accounts, sizeof(Account), <uint64_t>-1)
+        self._bind_index(&S.hold_index, self.hold_slots, <char*>S.holds, sizeof(Hold), S.hold_rowmask)
+        self._bind_index(&S.remembered_index, self.remembered_slots, <char*>S.remembered, sizeof(Remembered),
+                         S.remembered_rowmask)
+        self._bind_index(&S.merchant_index, self.merchant_slots, <char*>S.merchants,
+                         S.merchant_width * sizeof(int64_t), <uint64_t>-1)
+        self._bind_index(&S.card_index, self.card_slots, <char*>S.cards, sizeof(Card), <uint64_t>-1)
+        assert len(self.holds) & (len(self.holds) - 1) == 0
+        assert len(self.remembered) & (len(self.remembered) - 1) == 0
+
+    # -- growth (with the GIL, before a batch) ---------------------------------
+
+    cdef object _rehash(self, Index* ix, object slots, uint64_t need):
+        """A slot array at most half full for ``need`` entries."""
+        cdef uint64_t size = len(slots)
+        if need * C.index_load_max_den <= size * C.index_load_max_num:
+            return slots
+        while need * C.index_load_max_den > size * C.index_load_max_num:
+            size <<= 1
+        new = np.zeros(size, np.uint64)
+        cdef uint64_t[::1] old_view = slots
+        cdef Index nix = ix[0]
+        nix.slots = <uint64_t*>cnp.PyArray_DATA(<cnp.ndarray>new)
+        nix.mask = size - 1
+        nix.count = 0
+        cdef uint64_t i, v
+        with nogil:
+            for i in range(<uint64_t>old_view.shape[0]):
+                v = old_view[i]
+                if v != 0:
+                    ix_insert(&nix, ix_key(ix, v), v)
+        assert nix.count == ix.count
+        return new
+
+    cdef object _grow_ring(self, object arr, uint64_t head, uint64_t tail, uint64_t need):
+        cdef uint64_t cap = len(arr)
+        if need <= cap:
+            return arr
+        new_cap = _pow2_at_least(need)
+        new = np.zeros(new_cap, arr.dtype)
+        seqs = np.arange(head, tail, dtype=np.uint64)
+        new[seqs & np.uint64(new_cap - 1)] = arr[seqs & np.uint64(cap - 1)]
+        return new
+
+    cdef object _grow_rows(self, object arr, uint64_t used, uint64_t need):
+        if need <= <uint64_t>len(arr):
+            return arr
+        shape = (_pow2_at_least(need),) + arr.shape[1:]
+        new = np.zeros(shape, arr.dtype)
+        new[:used] = arr[:used]
+        return new
+
+    cdef void _evict(self, bint holds, uint64_t count) noexcept nogil:
+        """Forget the oldest ``count`` entries (closed holds only)."""
+        cdef State* S = &self.S
+        cdef Hold* h
+        cdef Remembered* m
+        cdef uint64_t k
+        for k in range(count):
+            if holds:
+                h = &S.holds[S.hold_head & S.hold_rowmask]
+                if h.state == HS_OPEN:
+                    break
+                ix_delete(&S.hold_index, h.id, S.hold_head + 1)
+                S.hold_head += 1
+                if S.hold_expire < S.hold_head:
+                    S.hold_expire = S.hold_head
+            else:
+                m = &S.remembered[S.remembered_head & S.remembered_rowmask]
+                ix_delete(&S.remembered_index, m.id, S.remembered_head + 1)
+                S.remembered_head += 1
+
+    def reserve(self, uint64_t n):
+        """Make room for n more requests: each may add one row everywhere.
+
+        Eviction depends only on logical counts (never on capacities), so a
+        snapshot restored with other capacities decides exactly the same.
+        """
+        cdef State* S = &self.S
+        cdef uint64_t live
+        live = S.hold_tail - S.hold_head
+        if live + n > self.holds_retained_max:
+            self._evict(True, live + n - self.holds_retained_max)
+        live = S.remembered_tail - S.remembered_head
+        if live + n > self.remembered_max:
+            self._evict(False, live + n - self.remembered_max)
+        self.accounts = self._grow_rows(self.accounts, S.account_count, S.account_count + n)
+        self.merchants = self._grow_rows(self.merchants, S.merchant_count, S.merchant_count + n)
+        self.cards = self._grow_rows(self.cards, S.card_count, S.card_count + n)
+        self.act = self._grow_rows(self.act, S.act_high, S.act_high + n)
+        self.holds = self._grow_ring(self.holds, S.hold_head, S.hold_tail, S.hold_tail - S.hold_head + n)
+        self.remembered = self._grow_ring(self.remembered, S.remembered_head, S.remembered_tail,
+                                          S.remembered_tail - S.remembered_head + n)
+        self._bind()
+        self.account_slots = self._rehash(&S.account_index, self.account_slots, S.account_index.count + n)
+        self.hold_slots = self._rehash(&S.hold_index, self.hold_slots, S.hold_index.count + n)
+        self.remembered_slots = self._rehash(&S.remembered_index, self.remembered_slots,
+                                             S.remembered_index.count + n)
+        self.merchant_slots = self._rehash(&S.merchant_index, self.merchant_slots, S.merchant_index.count + n)
+        self.card_slots = self._rehash(&S.card_index, self.card_slots, S.card_index.count + n)
+        self._bind()
+
+    # -- deciding ------------------------------------------------------------
+
+    def decide(self, requests, int64_t stamp0):
+        """Decide a batch stamped stamp0, stamp0+1, ...; returns the answers."""
+        if not isinstance(requests, np.ndarray) or requests.dtype != C.REQUEST_DTYPE:
+            raise TypeError("requests: expected a numpy array of REQUEST_DTYPE")
+        if requests.ndim != 1:
+            raise ValueError(f"requests: expected 1-d, got shape {requests.shape}")
+        if stamp0 < 1:
+            raise ValueError("stamp0: must be >= 1")
+        cdef Py_ssize_t n = requests.shape[0]
+        reqs = np.ascontiguousarray(requests)
+        answers = np.zeros(n, C.ANSWER_DTYPE)
+        if n == 0:
+            return answers
+        self.reserve(n)
+        cdef Request* rp = <Request*>cnp.PyArray_DATA(<cnp.ndarray>reqs)
+        cdef Answer* ap = <Answer*>cnp.PyArray_DATA(<cnp.ndarray>answers)
+        with nogil:
+            decide_batch(&self.S, rp, ap, n, stamp0)
+        if AUTHCORE_VERIFY:
+            self.verify()
+        return answers
+
+    # -- introspection, snapshots, digest ---------------------------------
+
+    def card_account(self, bytes pan_hash):
+        """Account id bound to this PAN hash, or None."""
+        assert len(pan_hash) == 32
+        cdef const uint8_t* p = pan_hash
+        cdef Card* c = card_find(&self.S, p)
+        return None if c == NULL else c.account
+
+    def _hold_rows(self):
+        seqs = np.arange(self.S.hold_head, self.S.hold_tail, dtype=np.uint64)
+        return self.holds[seqs & np.uint64(len(self.holds) - 1)]
+
+    def _remembered_rows(self):
+        seqs = np.arange(self.S.remembered_head, self.S.remembered_tail, dtype=np.uint64)
+        return self.remembered[seqs & np.uint64(len(self.remembered) - 1)]
+
+    def counters(self):
+        cdef State* S = &self.S
+        return {
+            "account_count": S.account_count,
+            "hold_head": S.hold_head,
+            "hold_tail": S.hold_tail,
+            "hold_expire": S.hold_expire,
+            "remembered_head": S.remembered_head,
+            "remembered_tail": S.remembered_tail,
+            "merchant_count": S.merchant_count,
+            "card_count": S.card_count,
+            "act_high": S.act_high,
+            "act_hand": S.act_hand,
+        }
+
+    def export_state(self):
+        """Logical state in canonical order: (arrays, counters).
+
+        Rings come out oldest first; index slot arrays are not part of the
+        state (they are rebuilt), so capacities never leak into digests.
+        """
+        cdef State* S = &self.S
+        arrays = {
+            "accounts": self.accounts[: S.account_count].copy(),
+            "holds": self._hold_rows(),
+            "remembered": self._remembered_rows(),
+            "merchants": self.merchants[: S.merchant_count].copy(),
+            "cards": self.cards[: S.card_count].copy(),
+            "activity": self.act[: S.act_high].copy(),
+            "settlement": self.settlement.copy(),
+        }
+        return arrays, self.counters()
+
+    def state_views(self):
+        """Like export_state but without copies (read-only use, e.g. digest)."""
+        cdef State* S = &self.S
+        return {
+            "accounts": self.accounts[: S.account_count],
+            "holds": self._hold_rows(),
+            "remembered": self._remembered_rows(),
+            "merchants": self.merchants[: S.merchant_count],
+            "cards": self.cards[: S.card_count],
+            "activity": self.act[: S.act_high],
+            "settlement": self.settlement,
+        }, self.counters()
+
+    def import_state(self, dict arrays, dict counters):
+        cdef State* S = &self.S
+        acc = arrays["accounts"]
+        holds = arrays["holds"]
+        rem = arrays["remembered"]
+        if acc.dtype != ACCOUNT_DTYPE or holds.dtype != HOLD_DTYPE or rem.dtype != REMEMBERED_DTYPE:
+            raise ValueError("snapshot arrays have an unexpected layout")
+        if arrays["merchants"].shape[1:] != (S.merchant_width,) or arrays["activity"].shape[1:] != (S.act_width,):
+            raise ValueError("snapshot ring widths differ from the configured fraud rules")
+        S.account_count = len(acc)
+        S.merchant_count = len(arrays["merchants"])
+        S.card_count = len(arrays["cards"])
+        S.act_high = counters["act_high"]
+        S.act_hand = counters["act_hand"]
+        S.hold_head = counters["hold_head"]
+        S.hold_tail = counters["hold_tail"]
+        S.hold_expire = counters["hold_expire"]
+        S.remembered_head = counters["remembered_head"]
+        S.remembered_tail = counters["remembered_tail"]
+        assert S.hold_tail - S.hold_head == <uint64_t>len(holds)
+        assert S.remembered_tail - S.remembered_head == <uint64_t>len(rem)
+        assert S.act_high == <uint64_t>len(arrays["activity"])
+        self.accounts = np.zeros(_pow2_at_least(S.account_count), ACCOUNT_DTYPE)
+        self.accounts[: S.account_count] = acc
+        self.merchants = np.zeros((_pow2_at_least(S.merchant_count), S.merchant_width), np.int64)
+        self.merchants[: S.merchant_count] = arrays["merchants"]
+        self.cards = np.zeros(_pow2_at_least(S.card_count), CARD_DTYPE)
+        self.cards[: S.card_count] = arrays["cards"]
+        self.act = np.zeros((_pow2_at_least(S.act_high), S.act_width), np.int64)
+        self.act[: S.act_high] = arrays["activity"]
+        self.settlement[:] = arrays["settlement"]
+        cap = _pow2_at_least(len(holds))
+        self.holds = np.zeros(cap, HOLD_DTYPE)
+        seqs = np.arange(S.hold_head, S.hold_tail, dtype=np.uint64)
+        self.holds[seqs & np.uint64(cap - 1)] = holds
+        cap = _pow2_at_least(len(rem))
+        self.remembered = np.zeros(cap, REMEMBERED_DTYPE)
+        seqs = np.arange(S.remembered_head, S.remembered_tail, dtype=np.uint64)
+        self.remembered[seqs & np.uint64(cap - 1)] = rem
+        self._rebuild_indexes()
+
+    def _rebuild_indexes(self):
+        cdef State* S = &self.S
+        self._bind()
+        self.account_slots = np.zeros(_pow2_at_least(2 * S.account_count + 2), np.uint64)
+        self.hold_slots = np.zeros(_pow2_at_least(2 * (S.hold_tail - S.hold_head) + 2), np.uint64)
+        self.remembered_slots = np.zeros(_pow2_at_least(2 * (S.remembered_tail - S.remembered_head) + 2), np.uint64)
+        self.merchant_slots = np.zeros(_pow2_at_least(2 * S.merchant_count + 2), np.uint64)
+        self.card_slots = np.zeros(_pow2_at_least(2 * S.card_count + 2), np.uint64)
+        self._bind()
+        cdef uint64_t i
+        S.account_index.count = 0
+        S.hold_index.count = 0
+        S.remembered_index.count = 0
+        S.merchant_index.count = 0
+        S.card_index.count = 0
+        with nogil:
+            for i in range(S.account_count):
+                ix_insert(&S.account_index, S.accounts[i].id, i + 1)
+            for i in range(S.hold_head, S.hold_tail):
+                ix_insert(&S.hold_index, S.holds[i & S.hold_rowmask].id, i + 1)
+            for i in range(S.remembered_head, S.remembered_tail):
+                ix_insert(&S.remembered_index, S.remembered[i & S.remembered_rowmask].id, i + 1)
+            for i in range(S.merchant_count):
+                ix_insert(&S.merchant_index, <uint64_t>S.merchants[i * S.merchant_width], i + 1)
+            for i in range(S.card_count):
+                ix_insert(&S.card_index, S.cards[i].key, i + 1)
+
+    def verify(self):
+        """O(n) consistency checks (debug builds run them after each batch)."""
+        cdef State* S = &self.S
+        acc = self.accounts[: S.account_count]
+        holds = self._hold_rows()
+        open_ = holds[holds["state"] == HS_OPEN]
+        held = np.zeros(S.account_count, np.int64)
+        np.add.at(held, open_["account"].astype(np.int64), open_["remaining"])
+        assert (held == acc["held"]).all(), "held != sum of open holds"
+        for cur in np.unique(acc["currency"]):
+            total = int(acc["balance"][acc["currency"] == cur].astype(object).sum()) + int(self.settlement[cur])
+            assert total == 0, f"balances of currency {cur} sum to {total}"
+        assert S.account_index.count == S.account_count
+        assert S.hold_index.count == S.hold_tail - S.hold_head
+        assert S.remembered_index.count == S.remembered_tail - S.remembered_head
+        return True

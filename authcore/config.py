@@ -1,0 +1,243 @@
+"""Configuration: a TOML file (SPEC §9) mapped onto frozen dataclasses.
+
+Goals: every key has a default (``authcore serve`` runs with none), unknown
+keys are an error naming the key with its dotted path, and types are
+checked at load time rather than deep inside the server.  The decision
+settings (``hold_ttl_seconds`` and ``[fraud]``) are what replay needs to
+reproduce decisions; ``decision_dict()`` gives exactly those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from . import constants as C
+
+
+class ConfigError(ValueError):
+    """A configuration file or dict that cannot be used; names the key."""
+
+
+@dataclass(frozen=True)
+class Velocity:
+    window_seconds: int = 60
+    attempts: int = 10
+    points: int = 40
+
+
+@dataclass(frozen=True)
+class CardTesting:
+    window_seconds: int = 600
+    attempts: int = 5
+    max_amount: int = 200
+    points: int = 60
+
+
+@dataclass(frozen=True)
+class AmountSpike:
+    min_approved: int = 5
+    min_amount: int = 50_000
+    factor: int = 10
+    points: int = 50
+
+
+@dataclass(frozen=True)
+class ImpossibleTravel:
+    window_seconds: int = 3600
+    points: int = 50
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    age_seconds: int = 86_400
+    min_amount: int = 100_000
+    points: int = 30
+
+
+@dataclass(frozen=True)
+class RiskyMcc:
+    mccs: tuple[int, ...] = (7995, 4829, 6051, 6211)
+    points: int = 20
+
+
+@dataclass(frozen=True)
+class MerchantBurst:
+    window_seconds: int = 600
+    last_attempts: int = 20
+    declines: int = 10
+    points: int = 30
+
+
+@dataclass(frozen=True)
+class Fraud:
+    enabled: bool = True
+    decline_score: int = 80
+    review_score: int = 50
+    velocity: Velocity = field(default_factory=Velocity)
+    card_testing: CardTesting = field(default_factory=CardTesting)
+    amount_spike: AmountSpike = field(default_factory=AmountSpike)
+    impossible_travel: ImpossibleTravel = field(default_factory=ImpossibleTravel)
+    new_account: NewAccount = field(default_factory=NewAccount)
+    risky_mcc: RiskyMcc = field(default_factory=RiskyMcc)
+    merchant_burst: MerchantBurst = field(default_factory=MerchantBurst)
+
+
+@dataclass(frozen=True)
+class Durability:
+    sync: str = "always"  # "none" is not durable: benchmarks only
+    segment_bytes: int = 64 << 20  # log segment size (preallocated)
+    snapshot_interval_records: int = 10_000  # batches between snapshots (0 = never)
+    snapshots_kept: int = 2
+    log_retention: str = "all"  # "all" keeps every segment (replay needs them); "covered" deletes segments a snapshot covers
+
+
+@dataclass(frozen=True)
+class Server:
+    batch_max: int = C.batch_count_default  # requests per kernel batch
+    frame_bytes_max: int = 8 << 20  # binary frame: 131072 records of 64 bytes
+    line_bytes_max: int = 64 << 10  # JSON line; a request is < 1 KiB
+    connections_max: int = 10_000
+    inflight_max: int = 65_536  # unanswered requests per connection before pause_reading
+    write_buffer_high_bytes: int = 4 << 20  # transport buffer high-water mark
+    idle_timeout_seconds: float = 300.0  # close a connection idle this long
+    read_timeout_seconds: float = 30.0  # a started frame/line must complete within this
+
+
+@dataclass(frozen=True)
+class Engine:
+    idempotency_ids_max: int = C.idempotency_ids_max_default
+    holds_retained_max: int = C.holds_retained_max_default
+    pan_key_file: str = ""  # "" = <data dir>/pan.key, generated if missing
+
+
+@dataclass(frozen=True)
+class Config:
+    hold_ttl_seconds: int = 604_800
+    fraud: Fraud = field(default_factory=Fraud)
+    durability: Durability = field(default_factory=Durability)
+    server: Server = field(default_factory=Server)
+    engine: Engine = field(default_factory=Engine)
+
+    @classmethod
+    def default(cls) -> "Config":
+        return cls()
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Config":
+        p = Path(path)
+        try:
+            with p.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: {e.strerror}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        cfg = _build(cls, data, "")
+        cfg.validate()
+        return cfg
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    def decision_dict(self) -> dict[str, Any]:
+        """The settings that decide answers; replay must use exactly these."""
+        return {"hold_ttl_seconds": self.hold_ttl_seconds, "fraud": _to_dict(self.fraud)}
+
+    @classmethod
+    def from_decision_dict(cls, base: "Config", d: dict[str, Any]) -> "Config":
+        merged = base.to_dict()
+        merged["hold_ttl_seconds"] = d["hold_ttl_seconds"]
+        merged["fraud"] = d["fraud"]
+        return cls.from_dict(merged)
+
+    def validate(self) -> None:
+        """Relations between values that types alone do not catch."""
+        f = self.fraud
+        if self.hold_ttl_seconds <= 0:
+            raise ConfigError("hold_ttl_seconds: must be > 0")
+        if self.durability.sync not in ("always", "none"):
+            raise ConfigError('durability.sync: must be "always" or "none"')
+        if self.durability.log_retention not in ("all", "covered"):
+            raise ConfigError('durability.log_retention: must be "all" or "covered"')
+        for name in ("velocity", "card_testing", "impossible_travel", "merchant_burst"):
+            if getattr(f, name).window_seconds <= 0:
+                raise ConfigError(f"fraud.{name}.window_seconds: must be > 0")
+        for name, n in (
+            ("velocity.attempts", f.velocity.attempts),
+            ("card_testing.attempts", f.card_testing.attempts),
+            ("merchant_burst.last_attempts", f.merchant_burst.last_attempts),
+        ):
+            if not 1 <= n <= C.ring_size_max:
+                raise ConfigError(f"fraud.{name}: must be 1..{C.ring_size_max}")
+        if len(f.risky_mcc.mccs) > C.risky_mcc_max:
+            raise ConfigError(f"fraud.risky_mcc.mccs: at most {C.risky_mcc_max} codes")
+        for m in f.risky_mcc.mccs:
+            if not 0 <= m <= C.mcc_max:
+                raise ConfigError(f"fraud.risky_mcc.mccs: {m} is not a 4-digit MCC")
+        if self.server.batch_max < 1 or self.server.batch_max > C.batch_count_max:
+            raise ConfigError(f"server.batch_max: must be 1..{C.batch_count_max}")
+        if self.engine.idempotency_ids_max < 1024:
+            raise ConfigError("engine.idempotency_ids_max: must be >= 1024")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown configuration key: {path}{key}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{path}{f.name}")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    if is_dataclass(tp):
+        return _build(tp, value, path + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer")
+        if value < 0:
+            raise ConfigError(f"{path}: must be >= 0")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string")
+        return value
+    if getattr(tp, "__origin__", None) is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{path}: expected a list of integers")
+        return tuple(value)
+    raise ConfigError(f"{path}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _to_dict(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj

@@ -1,0 +1,230 @@
+"""The embedded engine: clock, log and kernel behind one small API.
+
+Goals: the same answers whether a request comes one at a time
+(``execute``), as a numpy batch (``submit``), over TCP or from the log
+(``replay_batch``); the kernel never sees a clock (the engine stamps each
+batch and passes the time in); nothing is decided before the log has made
+it durable.  Non-goals: networking (authcore.server) and file formats
+(authcore.storage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from . import constants as C
+from .cards import PanHasher
+from .config import Config
+from .constants import ANSWER_DTYPE, REQUEST_DTYPE, AccountStatus, HoldState, Kind, Status
+from .records import answer_json, answers_to_json, requests_from_json
+
+try:
+    from ._kernel import Kernel
+except ImportError as e:  # pragma: no cover - a source checkout without a build
+    raise ImportError(
+        "authcore's Cython kernel is not built: run `pip install -e .` "
+        "(or `python setup.py build_ext --inplace`)"
+    ) from e
+
+try:
+    from .wal import Unavailable
+except ImportError:  # the log module is optional for a purely in-memory engine
+
+    class Unavailable(Exception):  # type: ignore[no-redef]
+        """The batch could not be made durable; nothing of it was applied."""
+
+
+digest_version = b"authcore-state-v1"
+
+
+class Log(Protocol):
+    def log_batch(self, stamp0: int, requests: np.ndarray) -> None: ...
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Engine:
+    """One shard of accounts: decide, log, remember.
+
+    Single writer: call it from one thread at a time (the server has one
+    writer thread; embedded callers own their engine).
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        clock: Callable[[], int] | None = None,
+        pan_key: bytes | None = None,
+    ):
+        self.config = config or Config.default()
+        self._clock = clock or wall_clock_us
+        self._kernel = Kernel(
+            self.config.decision_dict(),
+            self.config.engine.idempotency_ids_max,
+            self.config.engine.holds_retained_max,
+        )
+        self._hasher = PanHasher(pan_key if pan_key is not None else os.urandom(32))
+        self._log: Log | None = None
+        self.last_stamp = 0
+
+    # -- time ------------------------------------------------------------------
+
+    def _stamp(self, n: int) -> int:
+        """Stamps for n requests: strictly increasing, never behind the clock."""
+        now = int(self._clock())
+        stamp0 = max(now, self.last_stamp + 1)
+        self.last_stamp = stamp0 + n - 1
+        return stamp0
+
+    # -- deciding --------------------------------------------------------------
+
+    def attach_log(self, log: Log | None) -> None:
+        self._log = log
+
+    @property
+    def hasher(self) -> PanHasher:
+        return self._hasher
+
+    def submit(self, requests: np.ndarray) -> np.ndarray:
+        """Decide a batch; durable before it returns when a log is attached.
+
+        Raises ``Unavailable`` when the log cannot make the batch durable;
+        then nothing of it was applied.
+        """
+        if not isinstance(requests, np.ndarray) or requests.dtype != REQUEST_DTYPE:
+            raise TypeError("requests: expected a numpy array of authcore.constants.REQUEST_DTYPE")
+        if requests.ndim != 1:
+            raise ValueError(f"requests: expected a 1-d array, got shape {requests.shape}")
+        n = len(requests)
+        if n == 0:
+            return np.zeros(0, ANSWER_DTYPE)
+        if n > C.batch_count_max:
+            return np.concatenate([self.submit(requests[i : i + C.batch_count_max])
+                                   for i in range(0, n, C.batch_count_max)])
+        requests = np.ascontiguousarray(requests)
+        stamp0 = self._stamp(n)
+        if self._log is not None:
+            self._log.log_batch(stamp0, requests)
+        return self._kernel.decide(requests, stamp0)
+
+    def replay_batch(self, stamp0: int, requests: np.ndarray) -> np.ndarray:
+        """Decide a batch that is already in the log, at its logged stamps."""
+        assert stamp0 > self.last_stamp, (stamp0, self.last_stamp)
+        answers = self._kernel.decide(requests, stamp0)
+        self.last_stamp = stamp0 + len(requests) - 1
+        return answers
+
+    def execute(self, request: dict) -> dict:
+        """One JSON-shaped request, one JSON-shaped answer.
+
+        Raises ``records.RequestError`` for a malformed request and
+        ``Unavailable`` when it cannot be made durable.
+        """
+        batch = requests_from_json([request], self._hasher)
+        return answers_to_json(batch, self.submit(batch))[0]
+
+    def execute_many(self, requests: list[dict]) -> list[dict]:
+        batch = requests_from_json(requests, self._hasher)
+        return answers_to_json(batch, self.submit(batch))
+
+    def query(self, account: int) -> dict:
+        return self.execute({"op": "query", "account": account})
+
+    def card_account(self, pan: str) -> int | None:
+        """The account a PAN is bound to (looked up by its keyed hash)."""
+        h = self._hasher.digest(pan)
+        if h == bytes(C.pan_hash_size):
+            return None
+        return self._kernel.card_account(h)
+
+    # -- configuration -----------------------------------------------------
+
+    def set_decision_config(self, decision: dict[str, Any]) -> None:
+        """Apply decision settings (from config or a CONFIG log record)."""
+        self.config = Config.from_decision_dict(self.config, decision)
+        self._kernel.set_rules(self.config.decision_dict())
+
+    # -- state -----------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, counters = self._kernel.export_state()
+        meta = {"counters": counters, "last_stamp": self.last_stamp,
+                "decision": self.config.decision_dict(), "digest_version": digest_version.decode()}
+        return arrays, meta
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        if meta.get("decision") and meta["decision"] != self.config.decision_dict():
+            self.set_decision_config(meta["decision"])
+        self._kernel.import_state(arrays, meta["counters"])
+        self.last_stamp = int(meta["last_stamp"])
+
+    def digest(self) -> str:
+        """BLAKE2b-256 of the logical state in canonical order.
+
+        Capacities, index layouts and the clock are excluded, so a live
+        engine, a snapshot plus its log tail and a full replay agree.
+        """
+        arrays, counters = self._kernel.state_views()
+        h = hashlib.blake2b(digest_version, digest_size=32)
+        for name in sorted(arrays):
+            a = np.ascontiguousarray(arrays[name])
+            h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+            h.update(memoryview(a).cast("B"))
+        h.update(repr(sorted(counters.items())).encode())
+        return h.hexdigest()
+
+    def verify(self) -> bool:
+        """O(n) invariant checks (held == open holds, balances sum to 0)."""
+        return self._kernel.verify()
+
+    # -- introspection (O(n), for tests and tools) ---------------------
+
+    def accounts(self) -> dict[int, dict[str, Any]]:
+        arrays, _ = self._kernel.state_views()
+        out = {}
+        for a in arrays["accounts"]:
+            out[int(a["id"])] = {
+                "balance": int(a["balance"]),
+                "credit_limit": int(a["credit_limit"]),
+                "held": int(a["held"]),
+                "status": AccountStatus(int(a["status"])).name,
+                "kind": Kind(int(a["kind"])).name,
+                "currency": int(a["currency"]),
+                "single_limit": int(a["single_limit"]),
+                "daily_limit": int(a["daily_limit"]),
+                "opened_at": int(a["opened_at"]),
+            }
+        return out
+
+    def holds(self) -> dict[int, dict[str, Any]]:
+        arrays, _ = self._kernel.state_views()
+        ids = arrays["accounts"]["id"]
+        out = {}
+        for h in arrays["holds"]:
+            out[int(h["id"])] = {
+                "account": int(ids[int(h["account"])]),
+                "remaining": int(h["remaining"]),
+                "captured": int(h["captured"]),
+                "refunded": int(h["refunded"]),
+                "state": HoldState(int(h["state"])).name,
+            }
+        return out
+
+    def settlement(self) -> dict[int, int]:
+        arrays, _ = self._kernel.state_views()
+        s = arrays["settlement"]
+        return {int(c): int(s[c]) for c in np.nonzero(s)[0]}
+
+    def counters(self) -> dict[str, int]:
+        return self._kernel.counters()
+
+
+__all__ = ["Engine", "Unavailable", "Status", "answer_json"]

@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+import mmap
 import os
 import re
 import struct
@@ -282,17 +283,16 @@ def list_segments(directory: str | os.PathLike[str]) -> list[tuple[int, str]]:
 
 
 def _read_file(path: str) -> memoryview:
+    """The whole segment, read-only, mapped (no copy of the preallocated zeros).
+
+    The mapping lives as long as any view of it (records, request arrays);
+    the file may be truncated by the writer only after the reader is done.
+    """
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    return view[:got]
+        if size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ))
 
 
 def _all_zero(view: memoryview) -> bool:

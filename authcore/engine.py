@@ -177,7 +177,8 @@ class Engine:
         for name in sorted(arrays):
             a = np.ascontiguousarray(arrays[name])
             h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-            h.update(memoryview(a).cast("B"))
+            if a.size:
+                h.update(memoryview(a).cast("B"))
         h.update(repr(sorted(counters.items())).encode())
         return h.hexdigest()
 

@@ -48,7 +48,7 @@ OP_NAMES = {int(op): op.name for op in Op}
 _SPENDS = (Op.authorize, Op.purchase, Op.transfer)
 _AUTH_CODE_OPS = (Op.authorize, Op.purchase)
 _HOLD_OPS = (Op.increment, Op.capture, Op.void, Op.refund)
-_PAN_WORDS = struct.Struct("<QqqQ")  # the PAN hash over to/amount/single/daily
+_PAN_WORDS = struct.Struct("<Qqqq")  # the PAN hash over to/amount/single/daily
 assert _PAN_WORDS.size == 32
 
 

@@ -1,0 +1,214 @@
+"""The kernel's own mechanics: bounded memories, table growth, state images.
+
+The reference-model tests check *what* is decided; these check the
+machinery that must not change it: the idempotency ring evicting its oldest
+ids, closed holds being forgotten (open ones never), activity rows reused
+only when stale, export/import giving the same digest and the same future
+decisions, and bad batches refused before anything is applied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from authcore import constants as C
+from authcore.config import Config
+from authcore.engine import Engine
+from authcore.layout import ACCOUNT_DTYPE
+from authcore.records import requests_from_json
+
+T0 = 1_700_000_000_000_000
+
+
+class Clock:
+    def __init__(self, t: int = T0):
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def small_engine(clock=None, **engine_cfg) -> Engine:
+    cfg = Config.from_dict({"engine": engine_cfg}) if engine_cfg else Config.default()
+    return Engine(cfg, clock=clock or Clock(), pan_key=b"k" * 32)
+
+
+def open_funded(eng: Engine, account: int, amount: int = 10**9, rid: int | None = None) -> None:
+    rid = rid or account * 1000
+    assert eng.execute({"op": "open", "id": rid, "account": account, "currency": 978})["status"] == "approved"
+    assert eng.execute({"op": "deposit", "id": rid + 1, "account": account, "amount": amount})["status"] == "approved"
+
+
+def test_layout_sizes_are_pinned():
+    assert C.REQUEST_DTYPE.itemsize == 64
+    assert C.ANSWER_DTYPE.itemsize == 64
+    assert ACCOUNT_DTYPE.itemsize == 128
+
+
+def test_idempotency_memory_evicts_oldest_beyond_its_bound():
+    eng = small_engine(idempotency_ids_max=1024)
+    open_funded(eng, 1)
+    first = eng.execute({"op": "deposit", "id": 5, "account": 1, "amount": 1})
+    assert eng.execute({"op": "deposit", "id": 5, "account": 1, "amount": 999}) == first
+    for i in range(2000):
+        eng.execute({"op": "deposit", "id": 10_000 + i, "account": 1, "amount": 1})
+    counters = eng.counters()
+    assert counters["remembered_tail"] - counters["remembered_head"] <= 1024
+    # id 5 was forgotten: it is decided afresh (and remembered again).
+    again = eng.execute({"op": "deposit", "id": 5, "account": 1, "amount": 7})
+    assert again["stamp"] != first["stamp"]
+    # a recent id is still remembered
+    recent = eng.execute({"op": "deposit", "id": 10_000 + 1999, "account": 1, "amount": 123})
+    assert recent["stamp"] < again["stamp"]
+    assert eng.verify()
+
+
+def test_closed_holds_are_forgotten_open_ones_never():
+    """The hold ring forgets from its oldest end only, and only closed holds:
+    an open hold there (at most hold_ttl old) holds eviction back."""
+    eng = Engine(Config.from_dict({"engine": {"holds_retained_max": 1024}, "fraud": {"enabled": False}}),
+                 clock=Clock(), pan_key=b"k" * 32)
+    open_funded(eng, 1)
+
+    def purchase(i):
+        r = eng.execute({"op": "purchase", "id": i, "account": 1, "amount": 1, "currency": 978, "merchant": 3})
+        assert r["status"] == "approved", r
+
+    for i in range(100, 600):
+        purchase(i)
+    keep = eng.execute({"op": "authorize", "id": 77, "account": 1, "amount": 5, "currency": 978, "merchant": 3})
+    assert keep["status"] == "approved"
+    for i in range(600, 3000):
+        purchase(i)
+    holds = eng.holds()
+    assert holds[77]["state"] == "open"
+    # forgetting stopped at the open hold: everything after it is kept
+    assert 100 not in holds and 599 not in holds
+    assert 600 in holds and 2999 in holds
+    assert eng.execute({"op": "refund", "id": 9_000_001, "auth": 100, "amount": 1})["status"] == "no_auth"
+    assert eng.execute({"op": "refund", "id": 9_000_002, "auth": 2000, "amount": 1})["status"] == "approved"
+    assert eng.execute({"op": "capture", "id": 9_000_003, "auth": 77})["status"] == "approved"
+    for i in range(3000, 3100):
+        purchase(i)
+    assert len(eng.holds()) <= 1024
+    assert eng.verify()
+
+
+def test_tables_grow_past_their_initial_size():
+    eng = small_engine()
+    n = 3 * C.table_rows_initial + 5
+    reqs = requests_from_json(
+        [{"op": "open", "id": i + 1, "account": i + 1, "currency": 156} for i in range(n)], eng.hasher)
+    assert (eng.submit(reqs)["status"] == C.Status.approved).all()
+    assert len(eng.accounts()) == n
+    assert eng.query(n)["status"] == "approved"
+    assert eng.verify()
+
+
+def test_export_import_gives_same_digest_and_same_future_answers():
+    clock = Clock()
+    a = small_engine(clock)
+    open_funded(a, 1)
+    open_funded(a, 2)
+    a.execute({"op": "issue_card", "id": 50, "account": 1, "pan": "4111111111111111"})
+    for i in range(40):
+        clock.t += 1_000_000
+        a.execute({"op": "authorize", "id": 100 + i, "account": 1 + i % 2, "amount": 150 + i, "currency": 978,
+                   "merchant": 900 + i % 3, "channel": "qr", "country": 250 + i % 2})
+    arrays, meta = a.export_state()
+    b = small_engine(Clock(clock.t))
+    b.load_state(arrays, meta)
+    assert b.digest() == a.digest()
+    assert b.card_account("4111111111111111") == 1
+    follow = [{"op": "authorize", "id": 500 + i, "account": 1, "amount": 100, "currency": 978, "merchant": 901,
+               "channel": "card_present", "country": 250} for i in range(12)]
+    follow.append({"op": "capture", "id": 600, "auth": 101})
+    assert a.execute_many(follow) == b.execute_many(follow)
+    assert a.digest() == b.digest()
+
+
+def test_digest_changes_with_state():
+    eng = small_engine()
+    d0 = eng.digest()
+    open_funded(eng, 1)
+    assert eng.digest() != d0
+
+
+def test_activity_rows_are_reused_once_stale():
+    clock = Clock()
+    eng = small_engine(clock)
+    for acc in range(1, 41):
+        open_funded(eng, acc)
+    for acc in range(1, 21):
+        eng.execute({"op": "authorize", "id": 5_000_000 + acc, "account": acc, "amount": 10, "currency": 978,
+                     "merchant": 5})
+    high = eng.counters()["act_high"]
+    assert high == 20
+    clock.t += 3600 * C.us_per_s  # every earlier attempt is now outside every window
+    for acc in range(21, 41):
+        eng.execute({"op": "authorize", "id": 6_000_000 + acc, "account": acc, "amount": 10, "currency": 978,
+                     "merchant": 5})
+    assert eng.counters()["act_high"] == high  # reused, not grown
+
+
+def test_batch_with_wrong_dtype_is_refused_before_anything_is_applied():
+    eng = small_engine()
+    bad = np.zeros(3, dtype=[("id", "<u8")])
+    with pytest.raises(TypeError, match="REQUEST_DTYPE"):
+        eng.submit(bad)
+    with pytest.raises(ValueError, match="1-d"):
+        eng.submit(np.zeros((2, 2), C.REQUEST_DTYPE))
+    assert eng.accounts() == {}
+    assert eng.last_stamp == 0
+
+
+def test_unknown_op_in_a_batch_is_bad_request_and_not_remembered():
+    eng = small_engine()
+    reqs = np.zeros(2, C.REQUEST_DTYPE)
+    reqs["id"] = [1, 1]
+    reqs["op"] = [200, C.Op.open]
+    reqs["account"] = 9
+    reqs["currency"] = 156
+    ans = eng.submit(reqs)
+    assert ans["status"].tolist() == [C.Status.bad_request, C.Status.approved]
+
+
+def test_submit_splits_batches_larger_than_the_maximum():
+    eng = small_engine()
+    n = C.batch_count_max + 10
+    reqs = np.zeros(n, C.REQUEST_DTYPE)
+    reqs["op"] = C.Op.query
+    reqs["account"] = 1
+    ans = eng.submit(reqs)
+    assert len(ans) == n
+    assert (ans["status"] == C.Status.no_account).all()
+
+
+def test_stamps_strictly_increase_even_when_the_clock_goes_back():
+    clock = Clock()
+    eng = small_engine(clock)
+    open_funded(eng, 1)
+    s1 = eng.execute({"op": "deposit", "id": 7, "account": 1, "amount": 1})["stamp"]
+    clock.t -= 10_000_000
+    s2 = eng.execute({"op": "deposit", "id": 8, "account": 1, "amount": 1})["stamp"]
+    assert s2 == s1 + 1
+
+
+def test_amount_spike_is_exact_beyond_64_bits():
+    """amount * count > factor * total must not overflow (128-bit in C)."""
+    clock = Clock()
+    eng = small_engine(clock)
+    open_funded(eng, 1, amount=C.amount_max)
+    for i in range(6):
+        assert eng.execute({"op": "deposit", "id": 50 + i, "account": 1, "amount": C.amount_max})["status"] == "approved"
+    eng.execute({"op": "set_limits", "id": 3, "account": 1, "credit_limit": 0})
+    for i in range(6):
+        clock.t += 7200 * C.us_per_s
+        r = eng.execute({"op": "purchase", "id": 100 + i, "account": 1, "amount": 10**15, "currency": 978,
+                         "merchant": 4})
+        assert r["status"] == "approved", r
+    # total 6e15, count 6: 10^15 * 6 > 10 * 6e15 is false -> no spike points
+    clock.t += 7200 * C.us_per_s
+    r = eng.execute({"op": "purchase", "id": 200, "account": 1, "amount": 10**15, "currency": 978, "merchant": 4})
+    assert r["status"] == "approved" and r["review"] is False

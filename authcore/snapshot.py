@@ -291,21 +291,27 @@ class SnapshotJob:
     started: float  # time.monotonic() at fork
     stall_s: float  # how long the parent was held up by fork()
     status: bool | None = None  # None while running; True written; False failed
+    finished: float = 0.0  # time.monotonic() when the parent reaped the child
 
     def poll(self) -> bool | None:
         """Non-blocking: None while the child runs, then True/False (reaped)."""
         if self.status is None:
             pid, code = os.waitpid(self.pid, os.WNOHANG)
             if pid:
-                self.status = os.waitstatus_to_exitcode(code) == 0
+                self._done(code)
         return self.status
 
     def wait(self) -> bool:
         """Block until the child is done; True when the snapshot was written."""
         if self.status is None:
             _, code = os.waitpid(self.pid, 0)
-            self.status = os.waitstatus_to_exitcode(code) == 0
+            self._done(code)
+        assert self.status is not None
         return self.status
+
+    def _done(self, code: int) -> None:
+        self.status = os.waitstatus_to_exitcode(code) == 0
+        self.finished = time.monotonic()
 
 
 def fork_snapshot(

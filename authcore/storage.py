@@ -446,7 +446,7 @@ def _recover_into(
     return report, decision, prev_crc
 
 
-def _first_config(scan: W.LogScan, snap_meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def _first_config(scan: W.LogScan) -> dict[str, Any] | None:
     if scan.configs and scan.first_seq == 1:
         return parse_config_body(scan.configs[0][1])
     return None

@@ -257,13 +257,31 @@ def run(accounts: int, batch: int, seconds: float, seed: int, workdir: str | Non
         t = time.perf_counter()
         snap.read_snapshot(path)
         out["snapshot_read_gb_per_s"] = round(nbytes / (time.perf_counter() - t) / 1e9, 3)
-        job = st.snapshot(eng, background=True)
-        out["fork_stall_ms"] = round(job.stall_s * 1e3, 2)
-        st.wait_snapshot()
-        # A tail after the snapshot, then recovery (snapshot + tail).
+        # The writer while a forked child writes: fork() itself, then batches
+        # that pay copy-on-write faults for the pages they touch first.
         eng.attach_log(st)
         wl = Workload(seed + 1, accounts)
         wl.next_id = 1 << 50
+        before = []
+        for _ in range(5):
+            b = wl.batch(batch)
+            t = time.perf_counter()
+            eng.submit(b)
+            before.append(time.perf_counter() - t)
+        job = st.snapshot(eng, background=True)
+        out["fork_stall_ms"] = round(job.stall_s * 1e3, 2)
+        during = []
+        while job.poll() is None and len(during) < 50:
+            b = wl.batch(batch)
+            t = time.perf_counter()
+            eng.submit(b)
+            during.append(time.perf_counter() - t)
+        st.wait_snapshot()
+        out["batch_ms_median_before_snapshot"] = round(float(np.median(before)) * 1e3, 2)
+        out["batch_ms_max_during_snapshot"] = round(max(during) * 1e3, 2) if during else None
+        out["batches_during_snapshot"] = len(during)
+        out["snapshot_child_s"] = round(job.finished - job.started, 3)
+        # A tail after the snapshot, then recovery (snapshot + tail).
         for _ in range(4):
             eng.submit(wl.batch(batch))
         live = eng.digest()

@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from durability import StepClock, Workload  # noqa: E402
 
 from authcore import storage as S  # noqa: E402
-from authcore import wal as W  # noqa: E402
 from authcore.config import Config  # noqa: E402
 from authcore.constants import REQUEST_DTYPE, Op, Status  # noqa: E402
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import struct
 import subprocess
 
 import numpy as np

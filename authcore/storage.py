@@ -186,7 +186,18 @@ class Storage:
         self._lock()
         try:
             snap.remove_stale_temp(self.snap_dir)
-            self.scan = W.scan_log(self.wal_dir, truncate_corrupt=truncate_corrupt)
+            # Validate the log from the newest plausible snapshot on: the part
+            # recovery replays.  Older segments are checked when a fallback to
+            # an older snapshot replays them, and always by ``verify``.
+            hint = 0
+            for seq, path in snap.list_snapshots(self.snap_dir):
+                try:
+                    snap.read_snapshot_info(path)
+                except snap.SnapshotError:
+                    continue
+                hint = seq
+                break
+            self.scan = W.scan_log(self.wal_dir, truncate_corrupt=truncate_corrupt, from_seq=hint + 1)
             d = self.config.durability
             self.wal = W.Wal.open(self.wal_dir, sync=d.sync, segment_bytes=d.segment_bytes, fault=fault, scan=self.scan)
         except BaseException:

@@ -332,12 +332,12 @@ class _Walker:
         self.segments = list_segments(self.directory)
         self.initial_prev_crc = prev_crc
 
-    def walk(self, start_seq: int = 1, stop_seq: int | None = None, skip: bool = False) -> Iterator[Record]:
+    def walk(self, start_seq: int = 1, stop_seq: int | None = None, skip_before: int = 1, stop_early: bool = False) -> Iterator[Record]:
         """Yield every valid record with start_seq <= seq <= stop_seq; sets ``self.scan``.
 
-        With ``skip``, segments that end before start_seq are not read at all
-        (an earlier full scan checked them) and the walk returns right after
-        ``stop_seq``; ``self.scan`` is then not set.
+        Segments whose records all precede ``skip_before`` are not read at
+        all.  With ``stop_early`` the walk returns right after ``stop_seq``
+        (``self.scan`` is then not set).
         """
         segs = self.segments
         first_seq = segs[0][0] if segs else 1
@@ -352,8 +352,8 @@ class _Walker:
         tail: Tail | None = None
         used: list[tuple[int, str]] = []
         first_k = 0
-        if skip:
-            while first_k + 1 < len(segs) and segs[first_k + 1][0] <= start_seq:
+        if skip_before > 1:
+            while first_k + 1 < len(segs) and segs[first_k + 1][0] <= skip_before:
                 first_k += 1
             if first_k:
                 expected_seq = segs[first_k][0]
@@ -416,7 +416,7 @@ class _Walker:
                 off = end
                 if h.seq >= start_seq and (stop_seq is None or h.seq <= stop_seq):
                     yield rec
-                if skip and stop_seq is not None and h.seq >= stop_seq:
+                if stop_early and stop_seq is not None and h.seq >= stop_seq:
                     return
             reason, off = stop
             later = segs[k + 1 :]
@@ -487,15 +487,18 @@ class _Walker:
         return _find_valid_header(view, 0, 1) is not None
 
 
-def scan_log(directory: str | os.PathLike[str], *, truncate_corrupt: bool = False) -> LogScan:
-    """Validate every record of the log; decide the tail (see the module doc).
+def scan_log(directory: str | os.PathLike[str], *, truncate_corrupt: bool = False, from_seq: int = 1) -> LogScan:
+    """Validate the records of the log; decide the tail (see the module doc).
 
     Raises :class:`CorruptLog` for damage before the tail unless
     ``truncate_corrupt`` (then the scan ends there with ``Decision.truncate``).
+    ``from_seq`` skips segments whose records all precede it (recovery from a
+    snapshot need not read the log it covers; ``verify`` reads everything);
+    ``records``, ``requests`` and ``configs`` then count the part read.
     Reads only; :meth:`Wal.open` applies the decision to the files.
     """
     w = _Walker(str(directory), truncate_corrupt)
-    for _ in w.walk(start_seq=1 << 62):
+    for _ in w.walk(start_seq=1 << 62, skip_before=from_seq):
         pass
     return w.scan
 
@@ -507,7 +510,7 @@ def read_records(directory: str | os.PathLike[str], *, start_seq: int = 1, stop_
     into the record ``start_seq``.  Stops at the tail like :func:`scan_log`.
     """
     w = _Walker(str(directory), truncate_corrupt, prev_crc=prev_crc)
-    yield from w.walk(start_seq=start_seq, stop_seq=stop_seq, skip=True)
+    yield from w.walk(start_seq=start_seq, stop_seq=stop_seq, skip_before=start_seq, stop_early=True)
 
 
 # --- writing ---------------------------------------------------------------------

@@ -389,3 +389,33 @@ def test_requests_are_logged_with_their_stamps(tmp_path):
         q = rec.requests()["op"] == Op.query
         assert (a["stamp"][fresh & ~q] == rec.header.stamp0 + np.flatnonzero(fresh & ~q)).all()
         assert rec.requests().dtype == REQUEST_DTYPE
+
+
+def test_damage_in_log_covered_by_snapshot_is_found_by_verify_not_needed_to_start(tmp_path):
+    """Start validates what it replays; verify validates everything."""
+    cfg = config()
+    wl = Workload(13, 200)
+    st, eng, _ = start(tmp_path, cfg)
+    setup(eng, wl)
+    run_load(eng, wl, 40)
+    st.snapshot(eng, background=False)
+    run_load(eng, wl, 5)
+    live = eng.digest()
+    st.close()
+    segs = W.list_segments(tmp_path / "wal")
+    assert len(segs) >= 3
+    victim = next(r for r in W.read_records(tmp_path / "wal") if r.path == segs[0][1] and r.seq > 3)
+    with open(victim.path, "r+b") as f:
+        f.seek(victim.offset + W.header_size + 9)
+        f.write(b"\x55")
+    digest, rep = recovered_digest(tmp_path, cfg)  # the snapshot covers the damage
+    assert digest == live and rep.snapshot is not None
+    with pytest.raises(W.CorruptLog) as e:
+        S.verify(tmp_path)
+    assert e.value.path == victim.path and e.value.offset == victim.offset
+    # without the snapshot, recovery must replay the damaged part: refused
+    for _, p in snap.list_snapshots(tmp_path / "snapshots"):
+        os.unlink(p)
+    with pytest.raises(W.CorruptLog) as e:
+        recovered_digest(tmp_path, cfg)
+    assert e.value.path == victim.path and e.value.offset == victim.offset

@@ -194,6 +194,9 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 # --- bench -------------------------------------------------------------------

@@ -51,6 +51,7 @@ write_buffer_low_divisor = 4  # resume writing-side reading at high-water / 4
 inflight_resume_divisor = 2  # resume reading below inflight_max / 2 (hysteresis)
 drain_timeout_seconds = 10.0  # a client that never reads cannot hold up exit
 timer_interval_seconds = 1.0  # resolution of read/idle timeouts
+linger_seconds = 2.0  # after our FIN, read and discard the peer's input this long (see _linger)
 default_ports = {"binary": 7400, "json": 7401, "iso8583": 7402, "metrics": 7403}
 default_data_dir = "./authcore-data"
 default_host = "127.0.0.1"
@@ -62,14 +63,14 @@ SendFn = Callable[[bytes], None]
 class SessionState(enum.IntEnum):
     """A connection's life: the only legal moves are the arrows below."""
 
-    new = 0  # -> open, closed
+    new = 0  # -> open, draining (refused), closed
     open = 1  # -> draining, closed
     draining = 2  # -> closed; reads ignored, answers still written
     closed = 3
 
 
 _session_moves = {
-    SessionState.new: {SessionState.open, SessionState.closed},
+    SessionState.new: {SessionState.open, SessionState.draining, SessionState.closed},
     SessionState.open: {SessionState.draining, SessionState.closed},
     SessionState.draining: {SessionState.closed},
     SessionState.closed: set(),
@@ -114,6 +115,9 @@ class Session(asyncio.Protocol):
         self.read_paused = False
         self.last_read_tick = server.tick
         self.write_stalled_tick = 0
+        self.lingering = False
+        self.peer_eof = False
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # -- state ------------------------------------------------------------
     def _set_state(self, to: SessionState) -> None:
@@ -128,13 +132,16 @@ class Session(asyncio.Protocol):
         transport.set_write_buffer_limits(high=high, low=high // write_buffer_low_divisor)
         if not self.server._session_opened(self):
             self.send_error(f"too many connections (max {limits.connections_max})")
-            self.close()
+            self._set_state(SessionState.draining)
+            self._maybe_finish()
             return
         self._set_state(SessionState.open)
         if self.server.draining:
             self.start_draining()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         if self.state != SessionState.closed:
             self._set_state(SessionState.closed)
         self.server._session_closed(self)
@@ -157,8 +164,12 @@ class Session(asyncio.Protocol):
             self._update_reading()
 
     def eof_received(self) -> bool:
+        self.peer_eof = True
         # Half-close: the peer finished sending; keep writing its answers,
         # close once they are all out.
+        if self.lingering:
+            self.close()  # our answers are out and the peer is done: nothing to wait for
+            return True
         if self.state == SessionState.open:
             self._set_state(SessionState.draining)
         self._maybe_finish()
@@ -263,12 +274,38 @@ class Session(asyncio.Protocol):
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if self.state == SessionState.draining and not self.entries and self.transport is not None:
-            self.transport.close()
+        if self.state == SessionState.draining and not self.entries and not self.lingering:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close gracefully once every answer is written.
+
+        Closing a socket whose receive queue still holds unread bytes makes
+        the kernel send RST, and the peer may then lose answers it has not
+        read yet.  So: flush and send FIN (write_eof), keep reading and
+        discarding the peer's input until it closes too or linger_seconds
+        pass, then close.
+        """
+        t = self.transport
+        self.lingering = True
+        if t is None or t.is_closing():
+            return
+        try:
+            if self.peer_eof or not t.can_write_eof():
+                t.close()  # the peer sends nothing more: close flushes our answers
+                return
+            t.write_eof()
+        except (OSError, RuntimeError):
+            t.close()
+            return
+        if self.read_paused:
+            t.resume_reading()
+            self.read_paused = False
+        self._linger_timer = self.server.loop.call_later(linger_seconds, t.close)
 
     def _update_reading(self) -> None:
         t = self.transport
-        if t is None or t.is_closing():
+        if t is None or t.is_closing() or self.lingering:
             return
         limits = self.server.limits
         if self.state != SessionState.open:
@@ -289,18 +326,25 @@ class Session(asyncio.Protocol):
         """Called once per timer tick; cuts slow, stalled and idle peers."""
         limits = self.server.limits
         quiet = (tick - self.last_read_tick) * timer_interval_seconds
+        if self.lingering:
+            return
         if self.write_paused and (tick - self.write_stalled_tick) * timer_interval_seconds >= limits.read_timeout_seconds:
-            self._timeout("answers not read")
+            self._timeout("answers not read", hard=True)
         elif not self.read_paused and self.has_partial() and quiet >= limits.read_timeout_seconds:
             self._timeout("incomplete message")
         elif not self.entries and not self.has_partial() and limits.idle_timeout_seconds > 0 and quiet >= limits.idle_timeout_seconds:
             self._timeout("idle")
 
-    def _timeout(self, why: str) -> None:
+    def _timeout(self, why: str, hard: bool = False) -> None:
         log.info("closing %s connection: %s timeout", self.protocol_name, why)
         self.server.metrics.connections_timed_out.labels(self.protocol_name).inc()
-        self.send_error(f"{why} timeout")
-        self.close()
+        if hard:  # the peer reads nothing: a graceful close would wait forever
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if not self.entries:
+            self.send_error(f"{why} timeout")  # else it would overtake answers still due
+        self.start_draining()
 
 
 @dataclass

@@ -953,6 +953,7 @@ def scan(bytes chunk, Py_ssize_t start, Py_ssize_t msgs_max):
     cdef Py_ssize_t end = PyBytes_GET_SIZE(chunk)
     cdef Py_ssize_t pos = start, size, count = 0
     assert 0 <= start <= end
+    assert end < 2**31  # Msg keeps int32 offsets; a chunk is one read plus a partial frame
     # Pass 1: how many complete frames (to size the arrays).
     while pos + FRAME_HEADER <= end and count < msgs_max:
         size = (<Py_ssize_t>p[pos] << 8) | p[pos + 1]
@@ -1010,6 +1011,11 @@ def scan(bytes chunk, Py_ssize_t start, Py_ssize_t msgs_max):
                     r.flags |= NO_CARD  # no PAN of that length is ever issued (SPEC §3)
             nr += 1
         nm += 1
+    if not b.fatal:
+        # Keep-alives after the last message are consumed too (else a peer
+        # that only sends keep-alives would grow the session's buffer).
+        while pos + FRAME_HEADER <= end and p[pos] == 0 and p[pos + 1] == 0:
+            pos += FRAME_HEADER
     b.n_msgs = nm
     b.n_records = nr
     b.consumed = pos

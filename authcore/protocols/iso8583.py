@@ -23,7 +23,7 @@ Non-goals: MACs, key exchange (0800 70=161), 1993/2003 message versions,
 multi-currency conversion, partial approvals requested by the acquirer (no
 1987 field says "partial allowed"; code 10 never occurs here).
 
-Interface with ``authcore.server`` (agreed with its author):
+Interface with ``authcore.server`` (its ``Session`` contract):
 ``make_iso_protocol(server)`` returns the protocol factory the server passes
 to ``server.listen("iso8583", factory, host, port)``.  Each connection is an
 ``IsoSession`` (a ``server.Session``): ``feed`` scans what was read and
@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 
 from ..server import Session, _Entry
-from . import _iso_codec
 from ._iso_codec import Batch, scan
 
 log = logging.getLogger("authcore.iso8583")
@@ -148,7 +147,7 @@ class IsoSession(Session):
             if fatal:
                 log.warning("iso8583: closing connection: %s (message type %s)", reason, mti)
             else:
-                log.info("iso8583: %s answered 30: %s (field %d)", mti, reason, field)
+                log.debug("iso8583: %s answered 30: %s (field %d)", mti, reason, field)
 
     def encode(self, entry: _Entry) -> bytes:
         batch = entry.context
@@ -161,4 +160,4 @@ class IsoSession(Session):
         log.info("iso8583: closing connection: %s", message)
 
 
-__all__ = ["IsoSession", "make_iso_protocol", "protocol_name", "_iso_codec"]
+__all__ = ["IsoSession", "make_iso_protocol", "protocol_name"]

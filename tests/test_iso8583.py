@@ -402,10 +402,10 @@ def ok(ans: dict) -> dict:
     return ans
 
 
-def make_engine(clock=None):
+def make_engine(clock=None, config=None):
     from authcore.engine import Engine
 
-    eng = Engine(Config.default(), clock=clock or FakeClock(), pan_key=PAN_KEY)
+    eng = Engine(config or Config.default(), clock=clock or FakeClock(), pan_key=PAN_KEY)
     rid = iter(range(1, 1000))
     ex = lambda **kw: ok(eng.execute({"id": next(rid), **kw}))  # noqa: E731
     ex(op="open", account=ALICE, currency=USD, kind="wallet")
@@ -785,3 +785,49 @@ def test_served_by_authcore_start_with_a_log(tmp_path):
         c.close()
     finally:
         srv.stop()
+
+
+def test_reads_split_across_engine_batches_keep_their_cards():
+    """batch_max 7: one read's records reach the engine in several batches;
+    each part's PAN lookup (the prepare hook) must find its own cards."""
+    from authcore.server import ServerThread
+
+    config = Config.from_dict({"server": {"batch_max": 7}, "fraud": {"enabled": False}})
+    eng = make_engine(config=config)
+    srv = ServerThread(engine=eng, config=config).start()
+    try:
+        c = IsoClient(srv.ports["iso8583"])
+        cards = [PAN_A, PAN_B, PAN_UNKNOWN, PAN_C, "4111"]
+        want = {PAN_A: "00", PAN_B: "00", PAN_UNKNOWN: "14", PAN_C: "62", "4111": "14"}
+        n = 60
+        c.sock.sendall(b"".join(
+            frame(enc({"t": "0100", **base(rrn=f"{i:012d}", stan=f"{i:06d}", amount=10, pan=cards[i % len(cards)])}))
+            + (frame(enc({"t": "0800", "11": f"{i:06d}"})) if i % 9 == 0 else b"")
+            for i in range(n)
+        ))
+        for i in range(n):
+            a = c.recv()
+            assert (a["11"], a["39"]) == (f"{i:06d}", want[cards[i % len(cards)]])
+            if i % 9 == 0:
+                assert c.recv()["t"] == "0810"
+        c.close()
+    finally:
+        srv.stop()
+    assert held(eng, ALICE) == 10 * 12 and held(eng, BOB) == 10 * 12
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.binary(max_size=60), requests().map(enc), iso_docs().map(enc)), min_size=1, max_size=8))
+def test_garbage_never_hurts_the_server(world, caplog, payloads):
+    eng, srv, connect = world
+    caplog.set_level(logging.WARNING)
+    c = connect()
+    c.sock.sendall(b"".join(frame(p) for p in payloads))
+    c.sock.shutdown(socket.SHUT_WR)
+    while True:  # every answer is canonical pyiso8583, until the server closes
+        try:
+            c.recv()
+        except EOFError:
+            break
+    assert connect().call({"t": "0800", "11": "000001"})["39"] == "00"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -387,16 +387,6 @@ def test_scan_stops_at_msgs_max_and_keeps_partial_frames():
 # --- the listener over a real socket -------------------------------------------
 
 
-def submit_issue_card(eng, rid: int, account: int, pan: str) -> None:
-    """issue_card through the batch API (PAN HMAC at PAN_HASH_OFFSET)."""
-    rec = np.zeros(1, C.REQUEST_DTYPE)
-    rec["id"], rec["account"], rec["op"] = rid, account, C.Op.issue_card
-    raw = rec.view(np.uint8)
-    raw[C.PAN_HASH_OFFSET : C.PAN_HASH_OFFSET + C.pan_hash_size] = np.frombuffer(eng.hasher.digest(pan), np.uint8)
-    ans = eng.submit(rec)
-    assert ans["status"][0] == C.Status.approved
-
-
 def ok(ans: dict) -> dict:
     assert ans["status"] == "approved", ans
     return ans
@@ -417,7 +407,7 @@ def make_engine(clock=None, config=None):
     ex(op="freeze", account=CAROL)
     ex(op="open", account=SHOP, currency=USD, kind="merchant")
     for acct, pan in ((ALICE, PAN_A), (BOB, PAN_B), (CAROL, PAN_C)):
-        submit_issue_card(eng, next(rid), acct, pan)
+        ex(op="issue_card", account=acct, pan=pan)
     return eng
 
 

@@ -42,7 +42,15 @@ extensions = [
         define_macros=macros,
         extra_compile_args=cflags,
         extra_link_args=ldflags,
-    )
+    ),
+    Extension(
+        "authcore.protocols._iso_codec",
+        ["authcore/protocols/_iso_codec.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=macros,
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    ),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=DEBUG))

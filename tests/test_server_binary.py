@@ -376,3 +376,39 @@ def test_docs_protocol_md_matches_the_code():
         assert re.search(rf"\|\s*{int(s)}\s*\|\s*`{s.name}`\s*\|\s*{C.STATUS_CODE[s]}\s*\|", text), s
     for o in C.Op:
         assert re.search(rf"\|\s*{int(o)}\s*\|\s*`{o.name}`", text), o
+
+
+def _valid_then_mutated(n: int, seed: int, pos: int, byte: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    r = np.zeros(n, C.REQUEST_DTYPE)
+    r["id"] = rng.integers(0, 2**63, n)
+    r["op"] = rng.integers(1, 17, n)
+    r["channel"] = rng.integers(0, 4, n)
+    r["kind"] = rng.integers(0, 2, n)
+    r["flags"] = rng.integers(0, 16, n)
+    r["currency"] = rng.integers(0, 2**16, n)
+    raw = bytearray(r.tobytes())
+    raw[pos % len(raw)] = byte
+    return bytes(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.binary(min_size=64, max_size=64 * 8).map(lambda b: b[: len(b) // 64 * 64])
+    | st.builds(_valid_then_mutated, st.integers(1, 8), st.integers(0, 2**32), st.integers(0, 511), st.integers(0, 255))
+)
+def test_vectorised_record_check_matches_per_field_reading(raw):
+    reqs = np.frombuffer(raw, C.REQUEST_DTYPE)
+    want = None
+    for i, r in enumerate(reqs):
+        if (
+            int(r["op"]) not in {int(o) for o in C.Op}
+            or r["channel"] > max(C.Channel)
+            or r["kind"] > max(C.Kind)
+            or r["flags"] & ~wire.client_flags & 0xFF
+            or any(raw[i * 64 + 58 : i * 64 + 64])
+        ):
+            want = i
+            break
+    got = wire.check_records(reqs)
+    assert (got[0] if got else None) == want

@@ -107,6 +107,24 @@ _max_kind = max(Kind)
 _issue_card = int(Op.issue_card)
 
 
+# Validation reads the last 16 bytes of each record as two little-endian u64
+# words, so a frame is checked with a few vectorised integer operations on
+# two columns instead of one pass per field:
+#   word 6 (bytes 48..55): currency, mcc, country, op (bits 48..55), channel (56..63)
+#   word 7 (bytes 56..63): kind (bits 0..7), flags (8..15), reserved (16..63)
+assert REQUEST_DTYPE.fields["op"][1] == 54 and REQUEST_DTYPE.fields["channel"][1] == 55
+assert REQUEST_DTYPE.fields["kind"][1] == 56 and REQUEST_DTYPE.fields["flags"][1] == 57
+assert _max_kind & (_max_kind + 1) == 0 and _max_channel & (_max_channel + 1) == 0  # all-ones masks
+_op_min, _op_count = min(Op), len(Op)
+assert sorted(int(o) for o in Op) == list(range(_op_min, _op_min + _op_count))  # dense codes
+_w7_must_be_zero = np.uint64(
+    (0xFF & ~_max_kind) | ((0xFF & ~client_flags) << 8) | (((1 << 48) - 1) << 16)
+)
+_channel_shift = np.uint64(56 + _max_channel.bit_length())
+_op_shift = np.uint64(48)
+_byte = np.uint64(0xFF)
+
+
 def check_records(reqs: np.ndarray) -> tuple[int, str] | None:
     """First invalid record of a frame (index, what is wrong), or None.
 
@@ -114,13 +132,11 @@ def check_records(reqs: np.ndarray) -> tuple[int, str] | None:
     reserved bytes.  Semantic checks (ids of 0, amounts) are the engine's
     and get their SPEC statuses.
     """
-    op = reqs["op"]
-    bad = ~_op_ok[op]
-    bad |= reqs["channel"] > _max_channel
-    bad |= reqs["kind"] > _max_kind
-    bad |= (reqs["flags"] & _flags_unknown) != 0
-    raw = reqs.view(np.uint8).reshape(-1, request_size)
-    bad |= raw[:, _pad_offset:].any(axis=1)
+    words = reqs.view("<u8").reshape(-1, request_size // 8)
+    w6 = words[:, 6]
+    bad = (words[:, 7] & _w7_must_be_zero) != 0
+    bad |= (w6 >> _channel_shift) != 0
+    bad |= (((w6 >> _op_shift) & _byte) - np.uint64(_op_min)) >= np.uint64(_op_count)  # wraps below op_min
     if not bad.any():
         return None
     i = int(np.flatnonzero(bad)[0])

@@ -405,7 +405,7 @@ def test_vectorised_record_check_matches_per_field_reading(raw):
             int(r["op"]) not in {int(o) for o in C.Op}
             or r["channel"] > max(C.Channel)
             or r["kind"] > max(C.Kind)
-            or r["flags"] & ~wire.client_flags & 0xFF
+            or int(r["flags"]) & ~wire.client_flags & 0xFF
             or any(raw[i * 64 + 58 : i * 64 + 64])
         ):
             want = i

@@ -241,6 +241,7 @@ def run(accounts: int, batch: int, seconds: float, seed: int, workdir: str | Non
         replay_s = time.perf_counter() - t
         out["log_requests"] = log_requests
         out["replay_requests_per_s"] = round(log_requests / replay_s)
+        out["replay_over_live_none"] = round(out["replay_requests_per_s"] / none["requests_per_s"], 3)
         out["replay_digest_matches_live"] = digest_replay == always["digest"]
         # Snapshot: synchronous write speed, and the writer's stall for a forked one.
         cfg = bench_config("always")
@@ -278,6 +279,7 @@ def run(accounts: int, batch: int, seconds: float, seed: int, workdir: str | Non
             during.append(time.perf_counter() - t)
         st.wait_snapshot()
         out["batch_ms_median_before_snapshot"] = round(float(np.median(before)) * 1e3, 2)
+        out["batch_ms_first_after_fork"] = round(during[0] * 1e3, 2) if during else None
         out["batch_ms_max_during_snapshot"] = round(max(during) * 1e3, 2) if during else None
         out["batches_during_snapshot"] = len(during)
         out["snapshot_child_s"] = round(job.finished - job.started, 3)

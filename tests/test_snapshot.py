@@ -122,3 +122,23 @@ def test_list_and_prune(tmp_path, rng=np.random.default_rng(9)):
     (tmp_path / "snap-x.tmp").write_bytes(b"junk")
     S.remove_stale_temp(tmp_path)
     assert not (tmp_path / "snap-x.tmp").exists()
+
+
+def test_buffered_fallback_without_o_direct(tmp_path, monkeypatch, rng=np.random.default_rng(10)):
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    arrays = sample_arrays(rng, 300)
+    path = S.write_snapshot(tmp_path, 2, arrays, META)
+    back, _ = S.read_snapshot(path)
+    assert all(back[k].tobytes() == a.tobytes() for k, a in arrays.items())
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+def test_snapshot_on_tmpfs(rng=np.random.default_rng(11)):
+    """tmpfs may refuse O_DIRECT: the writer and reader fall back to buffered I/O."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        arrays = sample_arrays(rng, 300)
+        path = S.write_snapshot(d, 3, arrays, META)
+        back, _ = S.read_snapshot(path)
+        assert all(back[k].tobytes() == a.tobytes() for k, a in arrays.items())

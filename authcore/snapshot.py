@@ -386,7 +386,11 @@ class SnapshotJob:
     def poll(self) -> bool | None:
         """Non-blocking: None while the child runs, then True/False (reaped)."""
         if self.status is None:
-            pid, code = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, code = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # someone else reaped it (a SIGCHLD handler)
+                self._reaped_elsewhere()
+                return self.status
             if pid:
                 self._done(code)
         return self.status
@@ -394,13 +398,26 @@ class SnapshotJob:
     def wait(self) -> bool:
         """Block until the child is done; True when the snapshot was written."""
         if self.status is None:
-            _, code = os.waitpid(self.pid, 0)
-            self._done(code)
+            try:
+                _, code = os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                self._reaped_elsewhere()
+            else:
+                self._done(code)
         assert self.status is not None
         return self.status
 
     def _done(self, code: int) -> None:
         self.status = os.waitstatus_to_exitcode(code) == 0
+        self.finished = time.monotonic()
+
+    def _reaped_elsewhere(self) -> None:
+        """Exit status lost: the snapshot counts if its file is there and sound."""
+        try:
+            read_snapshot_info(self.path)
+            self.status = True
+        except SnapshotError:
+            self.status = False
         self.finished = time.monotonic()
 
 

@@ -142,3 +142,12 @@ def test_snapshot_on_tmpfs(rng=np.random.default_rng(11)):
         path = S.write_snapshot(d, 3, arrays, META)
         back, _ = S.read_snapshot(path)
         assert all(back[k].tobytes() == a.tobytes() for k, a in arrays.items())
+
+
+def test_job_reaped_elsewhere_is_judged_by_its_file(tmp_path):
+    job = S.fork_snapshot(tmp_path, 4, lambda: ({"a": np.arange(5)}, {}))
+    os.waitpid(job.pid, 0)  # e.g. an event loop's SIGCHLD handler got there first
+    assert job.poll() is True and job.wait() is True
+    bad = S.fork_snapshot(tmp_path, 5, lambda: 1 / 0)
+    os.waitpid(bad.pid, 0)
+    assert bad.wait() is False

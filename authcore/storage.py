@@ -309,9 +309,11 @@ class Storage:
 
     def wait_snapshot(self) -> bool | None:
         """Block until a background snapshot is done; its success (None: none ran)."""
-        if self._job is None:
+        job = self._job
+        if job is None:
             return None
-        return self._reap(block=True)
+        self._reap(block=True)
+        return job.status
 
     def _reap(self, block: bool) -> bool:
         """True when no child is running any more (and retention has run)."""
@@ -323,7 +325,10 @@ class Storage:
         self._job = None
         if status:
             self.snapshots_written += 1
-            self._retain()
+            try:
+                self._retain()
+            except OSError:
+                pass  # retention is retried after the next snapshot; never fail a batch for it
         return True
 
     def _retain(self) -> None:

@@ -80,8 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     ports = {"binary": args.port, "json": args.json_port, "iso8583": args.iso_port, "metrics": args.metrics_port}
     try:
-        return _run(srv.serve(args.data, config, host=args.host, ports=ports))
-    except OSError as e:
+        return _run(srv.serve(args.data, config, host=args.host, ports=ports, truncate_corrupt=args.truncate_corrupt))
+    except Exception as e:  # port in use, corrupt log (file and offset), directory locked
         log.error("cannot serve: %s", e)
         return EXIT_FAILURE
 
@@ -478,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iso-port", type=int, default=srv.default_ports["iso8583"])
     s.add_argument("--metrics-port", type=int, default=srv.default_ports["metrics"])
     s.add_argument("--config", default=None, help="TOML configuration file")
+    s.add_argument(
+        "--truncate-corrupt",
+        action="store_true",
+        help="cut the log at the first corrupt record instead of refusing to start (loses what follows)",
+    )
     s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("verify", help="check snapshots and log, print the state digest")

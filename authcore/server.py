@@ -680,6 +680,7 @@ async def start(
     *,
     host: str = default_host,
     ports: dict[str, int] | None = None,
+    truncate_corrupt: bool = False,
 ) -> Running:
     """Open storage, recover, listen on every port; returns once serving."""
     from .cards import load_or_create_key
@@ -698,22 +699,27 @@ async def start(
     metrics_server = await start_metrics_server(metrics, readiness, host, want["metrics"])
 
     def open_and_recover():
-        storage = Storage.open(data, config)
+        storage = Storage.open(data, config, truncate_corrupt=truncate_corrupt)
         try:
             engine = Engine(config, pan_key=key)
-            storage.recover(engine)
+            report = storage.recover(engine)
         except BaseException:
             storage.close()
             raise
-        return storage, engine
+        return storage, engine, report
 
     t0 = time.perf_counter()
     try:
-        storage, engine = await loop.run_in_executor(None, open_and_recover)
+        storage, engine, report = await loop.run_in_executor(None, open_and_recover)
     except BaseException:
         metrics_server.close()
         raise
     log.info("recovered in %.3f s; last stamp %d", time.perf_counter() - t0, engine.last_stamp)
+    summary = report.to_dict() if hasattr(report, "to_dict") else None
+    if summary:
+        log.info("recovery: %s", orjson.dumps(summary, default=str).decode())
+    if getattr(report, "tail_cut", False):
+        log.warning("recovery cut a torn log tail: %s", orjson.dumps(summary.get("tail") if summary else None, default=str).decode())
     try:
         return await start_engine(
             engine,
@@ -737,16 +743,18 @@ async def serve(
     host: str = default_host,
     ports: dict[str, int] | None = None,
     out=None,
+    truncate_corrupt: bool = False,
 ) -> int:
     """``authcore serve``: run until SIGTERM/SIGINT, then drain; returns 0."""
     out = out if out is not None else sys.stdout
-    running = await start(data_dir, config, host=host, ports=ports)
-    out.write(orjson.dumps({"listening": running.ports}).decode() + "\n")
-    out.flush()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Installed before recovery, so a signal during it drains right after.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running = await start(data_dir, config, host=host, ports=ports, truncate_corrupt=truncate_corrupt)
+    out.write(orjson.dumps({"listening": running.ports}).decode() + "\n")
+    out.flush()
     await stop.wait()
     log.info("signal received: draining")
     for sig in (signal.SIGTERM, signal.SIGINT):

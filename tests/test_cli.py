@@ -210,3 +210,28 @@ def test_bench_prints_one_json_line(protocol, n):
     assert out["protocol"] == protocol and out["requests"] == n
     assert out["throughput"] > 0 and 0 < out["p50_us"] <= out["p99_us"] <= out["max_us"]
     assert sum(out["statuses"].values()) == n and out["errors"] == 0
+
+
+def test_serve_refuses_a_corrupt_log_then_truncate_corrupt_starts(tmp_path):
+    data = tmp_path / "data"
+    proc, ports = cli.spawn_server(data, stderr=subprocess.DEVNULL)
+    try:
+        with Client("127.0.0.1", ports["json"]) as c:
+            c.open_account(id=1, account=1, currency=USD)
+            for i in range(3):
+                c.deposit(id=10 + i, account=1, amount=5)
+    finally:
+        assert cli.stop_server(proc) == 0
+    (seg,) = sorted((data / "wal").glob("*.log"))[:1]
+    raw = bytearray(seg.read_bytes())
+    raw[70] ^= 0xFF
+    seg.write_bytes(bytes(raw))
+    r = run_cli("serve", "--data", str(data), "--port", "0", "--json-port", "0", "--iso-port", "0", "--metrics-port", "0")
+    assert r.returncode == 1 and r.stdout == ""
+    assert "corrupt log" in r.stderr and seg.name in r.stderr and "offset" in r.stderr
+    proc, ports = cli.spawn_server(data, stderr=subprocess.DEVNULL, extra=["--truncate-corrupt"])
+    try:
+        with Client("127.0.0.1", ports["json"]) as c:
+            assert c.query(account=1)["status"] == "no_account"  # everything after the damage was cut
+    finally:
+        assert cli.stop_server(proc) == 0

@@ -56,6 +56,10 @@ default_ports = {"binary": 7400, "json": 7401, "iso8583": 7402, "metrics": 7403}
 default_data_dir = "./authcore-data"
 default_host = "127.0.0.1"
 pan_key_name = "pan.key"  # generated in the data directory when config names none
+# The writer thread runs GIL-free (kernel, fdatasync) and then needs the GIL
+# back while the loop thread is busy parsing; CPython makes it wait up to the
+# switch interval (5 ms by default, longer than deciding a whole batch).
+gil_switch_interval_seconds = 0.001
 
 SendFn = Callable[[bytes], None]
 
@@ -747,6 +751,7 @@ async def serve(
 ) -> int:
     """``authcore serve``: run until SIGTERM/SIGINT, then drain; returns 0."""
     out = out if out is not None else sys.stdout
+    sys.setswitchinterval(gil_switch_interval_seconds)  # process-wide: serve owns the process
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Installed before recovery, so a signal during it drains right after.

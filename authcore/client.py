@@ -258,6 +258,7 @@ class Client(_Base):
                             raise ConnectionError("server closed the connection")
                         got.extend(decoder.feed(data))
             assert not writing or len(got) >= want
+        del got[want:]  # anything beyond is unsolicited (a server error before closing)
         return got
 
     def _exchange(self, units: list[bytes], decode) -> list:
@@ -366,6 +367,7 @@ class AsyncClient(_Base):
                 if not data:
                     raise ConnectionError("server closed the connection")
                 got.extend(decoder.feed(data))
+            del got[want:]
             return got
 
         sender = asyncio.ensure_future(send())

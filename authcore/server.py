@@ -351,11 +351,6 @@ class Session(asyncio.Protocol):
         self.start_draining()
 
 
-@dataclass
-class _BatchTiming:
-    sync_seconds: float = -1.0
-
-
 class _TimedLog:
     """Wraps the storage log so the server sees sync latency per batch."""
 

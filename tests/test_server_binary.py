@@ -16,7 +16,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -329,10 +329,10 @@ class Session(asyncio.Protocol):
         """Called once per timer tick; cuts slow, stalled and idle peers."""
         limits = self.server.limits
         quiet = (tick - self.last_read_tick) * timer_interval_seconds
-        if self.lingering:
-            return
         if self.write_paused and (tick - self.write_stalled_tick) * timer_interval_seconds >= limits.read_timeout_seconds:
-            self._timeout("answers not read", hard=True)
+            self._timeout("answers not read", hard=True)  # lingering or not: it will never drain
+        elif self.lingering:
+            return
         elif not self.read_paused and self.has_partial() and quiet >= limits.read_timeout_seconds:
             self._timeout("incomplete message")
         elif not self.entries and not self.has_partial() and limits.idle_timeout_seconds > 0 and quiet >= limits.idle_timeout_seconds:

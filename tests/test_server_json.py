@@ -575,3 +575,36 @@ def test_server_thread_stop_drains_inflight():
     # balance is exactly what the answers acknowledge
     assert s.engine.accounts()[1]["balance"] == len(got)
     c.close()
+
+
+def test_client_that_never_reads_is_cut_after_the_read_timeout():
+    s = start(make_config(write_buffer_high_bytes=64 << 10, read_timeout_seconds=1.0))
+    try:
+        sock = socket.create_connection(("127.0.0.1", s.ports["json"]))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        sock.settimeout(0.5)
+        chunk = (orjson.dumps({"op": "query", "account": 7}) + b"\n") * 2000
+        cut = False
+        deadline = time.monotonic() + 8.0
+        while time.monotonic() < deadline:
+            try:
+                sock.send(chunk)
+            except (TimeoutError, socket.timeout):
+                pass
+            except OSError:  # EPIPE / ECONNRESET: the server aborted us
+                cut = True
+                break
+            if s.call(lambda: len(s.server.sessions)) == 0:
+                cut = True
+                break
+        assert cut, "a client that never reads kept its connection"
+        for _ in range(100):  # the abort reaches connection_lost a loop turn later
+            if s.call(lambda: len(s.server.sessions)) == 0:
+                break
+            time.sleep(0.02)
+        assert s.call(lambda: len(s.server.sessions)) == 0
+        body = http_get(s.ports["metrics"], "/metrics")[1]
+        assert _sample(body, 'authcore_connections_timed_out_total{protocol="json"}') == 1
+        sock.close()
+    finally:
+        s.stop()

@@ -154,8 +154,11 @@ class Engine:
 
     # -- state -----------------------------------------------------------------
 
-    def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays, counters = self._kernel.export_state()
+    def export_state(self, copy: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """A consistent image of the state.  ``copy=False`` returns views
+        (ring tables are still gathered in order) for a forked snapshot
+        child, whose copy-on-write pages already freeze the state."""
+        arrays, counters = self._kernel.export_state() if copy else self._kernel.state_views()
         meta = {"counters": counters, "last_stamp": self.last_stamp,
                 "decision": self.config.decision_dict(), "digest_version": digest_version.decode()}
         return arrays, meta

@@ -120,7 +120,7 @@ def _fields(op: Op, obj: dict, hasher: Any) -> tuple:
         mcc = _int(obj, "mcc", 0, u16_max, 0)
         country = _int(obj, "country", 0, u16_max, 0)
         ch = obj.get("channel", "online")
-        if ch not in CHANNELS:
+        if not isinstance(ch, str) or ch not in CHANNELS:
             raise RequestError(f"field `channel` must be one of {', '.join(CHANNELS)}")
         channel = CHANNELS[ch]
         partial = obj.get("allow_partial", False)
@@ -140,7 +140,7 @@ def _fields(op: Op, obj: dict, hasher: Any) -> tuple:
         account = _id(obj, "account")
         currency = _int(obj, "currency", 0, u16_max)
         k = obj.get("kind", "wallet")
-        if k not in KINDS:
+        if not isinstance(k, str) or k not in KINDS:
             raise RequestError("field `kind` must be wallet or merchant")
         kind = KINDS[k]
         amount = _amount(obj, "credit_limit", 0)

@@ -16,8 +16,8 @@ Goals:
 Non-goals: a mix of message types (0100 is what gateways mostly send), many
 connections (``authcore bench`` does that), latency under light load.
 
-    python bench/iso8583.py codec --messages 20000
-    python bench/iso8583.py server --messages 1000000 --window 32768
+    python bench/iso8583_load.py codec --messages 20000
+    python bench/iso8583_load.py server --messages 1000000 --window 32768
 
 Small CI values: ``--messages 20000``.  The last line printed is one JSON
 object.

@@ -501,15 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the report as one JSON line (default: indented)")
     b.set_defaults(func=cmd_backtest)
 
-    n = sub.add_parser("bench", help="drive a server and print throughput and latency as one JSON line")
-    n.add_argument("--target", default=None, help="host:port of a running server's chosen protocol (default: start one)")
-    n.add_argument("--protocol", choices=("binary", "json"), default="binary")
-    n.add_argument("--requests", type=int, default=bench_requests_default)
-    n.add_argument("--accounts", type=int, default=bench_accounts_default)
-    n.add_argument("--batch", type=int, default=bench_batch_default, help="records per frame / lines per write")
-    n.add_argument("--window", type=int, default=bench_window_default, help="frames / writes in flight")
-    n.add_argument("--sync", choices=("always", "none"), default="always", help="sync policy of a started server")
-    n.set_defaults(func=cmd_bench)
+    n = sub.add_parser("bench", help="load tester: drive a server (or one it starts), print throughput and latency")
+    from . import loadgen  # issue 6: the options and the run live there
+
+    loadgen.add_arguments(n)
+    n.set_defaults(func=loadgen.cmd_bench)
     return p
 
 

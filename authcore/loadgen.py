@@ -844,6 +844,7 @@ class _Worker:
         self.lost = 0
         self.t_first = float("inf")  # requests mode: first measured send
         self.t_last = 0.0  # requests mode: last measured answer
+        self.conns: list[_Conn] = []
 
     def connect(self) -> list[_Conn]:
         s = self.spec
@@ -868,7 +869,7 @@ class _Worker:
 
     def run(self) -> dict:
         s = self.spec
-        conns = self.connect()
+        conns = self.conns = self.connect()
         self.pipe.send(("ready", None))
         kind, t_start = self.pipe.recv()
         assert kind == "go", kind
@@ -1072,7 +1073,8 @@ class _Worker:
         delta = self.lat.counts - self.reported
         self.reported = self.lat.counts.copy()
         keys, counts = Latencies.compact(delta)
-        self.pipe.send(("progress", {"answered": self.answered, "keys": keys, "counts": counts}))
+        errors = self.lost + sum(cs.codec.errors for cs in self.conns)
+        self.pipe.send(("progress", {"answered": self.answered, "errors": errors, "keys": keys, "counts": counts}))
 
 
 def worker_main(spec: WorkerSpec, pipe: Any) -> None:
@@ -1223,7 +1225,9 @@ def _mp_context():
     global _ctx
     if _ctx is None:
         _ctx = mp.get_context("forkserver")
-        _ctx.set_forkserver_preload(["numpy", "authcore.loadgen", "authcore.client"])
+        # (not this module itself: under ``python -m authcore.loadgen`` it is
+        # __main__, and runpy warns when the server imports it twice)
+        _ctx.set_forkserver_preload(["numpy", "orjson", "authcore.constants", "authcore.client"])
     return _ctx
 
 
@@ -1263,11 +1267,13 @@ def _supervise(d: DriveSpec, workers: list[dict], progress: bool) -> dict:
                     continue
                 if kind == "progress":
                     w["answered"] = info["answered"]
+                    w["errors"] = info.get("errors", 0)
                     np.add.at(disp.interval, info["keys"], info["counts"])
                     np.add.at(tick_counts, info["keys"], info["counts"])
                 elif kind == "done":
                     w["result"] = info
                     w["answered"] = info["answered"]
+                    w["errors"] = info["errors"]
                     del pending[id(pipe)]
                 else:
                     failures.append(str(info))
@@ -1282,7 +1288,7 @@ def _supervise(d: DriveSpec, workers: list[dict], progress: bool) -> dict:
                 tick = (now, answered)
             elapsed = now - t_start
             phase = "warm-up" if elapsed < d.warmup else ("measure" if total_s is None or elapsed < total_s else "drain")
-            disp.update(max(0.0, elapsed), sum(w["answered"] for w in workers), 0, phase)
+            disp.update(max(0.0, elapsed), sum(w["answered"] for w in workers), sum(w.get("errors", 0) for w in workers), phase)
     if failures:
         raise RuntimeError("; ".join(failures))
     result = aggregate(d, [w["result"] for w in workers], t_start)

@@ -52,6 +52,7 @@ is what the model does; the kernel is checked against it):
 
 from __future__ import annotations
 
+import bisect
 import collections
 import copy
 import re
@@ -85,11 +86,13 @@ class Account:
     opened_at: int
     status: str = "active"  # "active" | "frozen" | "closed"
     balance: int = 0
-    attempts: list[tuple[int, int]] = field(default_factory=list)  # (stamp, requested amount)
-    spends_today: list[tuple[int, int]] = field(default_factory=list)  # daily-limit spend (stamp, amount)
+    attempt_stamps: list[int] = field(default_factory=list)  # every attempt, in stamp order
+    small_attempt_stamps: list[int] = field(default_factory=list)  # those with amount <= card_testing.max_amount
+    spent_day: int = -1  # UTC day of spent_total ...
+    spent_total: int = 0  # ... and the approved spend stamped on that day
     approved_count: int = 0  # amount_spike: lifetime approved spends ...
     approved_total: int = 0  # ... and their sum (Python int: exact)
-    hold_ids: list[int] = field(default_factory=list)  # every hold this account ever had
+    open_holds: dict[int, "Hold"] = field(default_factory=dict)  # this account's open holds by id
     last_travel: tuple[int, int] | None = None  # (country, stamp) of last approved qr/card_present auth
     may_go_negative: bool = False  # test aid: credit lowered by set_limits, or debited by a refund
 
@@ -105,6 +108,11 @@ class Hold:
     captured: int = 0
     refunded: int = 0
     credited: int | None = None  # account id credited at capture; None = settlement
+
+
+def in_window(stamps: list[int], after: int) -> int:
+    """How many of the (increasing) ``stamps`` are > ``after``."""
+    return len(stamps) - bisect.bisect_right(stamps, after)
 
 
 class Model:
@@ -124,14 +132,13 @@ class Model:
         self.settle: dict[int, int] = {}
         self.answers: dict[int, dict] = {}
         self.cards: dict[str, int] = {}  # raw PAN -> account id (test code only)
-        self.merchant_attempts: dict[int, list[tuple[int, bool]]] = {}  # merchant -> (stamp, approved)
+        self.merchant_attempts: dict[int, list[tuple[int, bool]]] = {}  # merchant -> [(stamp, approved)]
         self.by_creation: collections.deque[tuple[int, int]] = collections.deque()  # (created, hold id)
 
     # --- introspection, same shapes as Engine --------------------------------
 
     def held(self, account_id: int) -> int:
-        holds = (self.hold_map[hid] for hid in self.accts[account_id].hold_ids)
-        return sum(h.remaining for h in holds if h.state == "open")
+        return sum(h.remaining for h in self.accts[account_id].open_holds.values())
 
     def available(self, account_id: int) -> int:
         a = self.accts[account_id]
@@ -193,8 +200,14 @@ class Model:
             _, hid = self.by_creation.popleft()
             h = self.hold_map[hid]
             if h.state == "open":
-                h.state = "expired"
+                self._end_hold(h, "expired")
                 h.remaining = 0
+
+    def _end_hold(self, h: "Hold", state: str) -> None:
+        """The one way a hold leaves "open"."""
+        assert h.state == "open" and state in ("captured", "voided", "expired")
+        h.state = state
+        del self.accts[h.account].open_holds[h.id]
 
     # --- answer building -----------------------------------------------------
 
@@ -281,11 +294,11 @@ class Model:
         return stamp // DAY_US
 
     def _spent_today(self, a: Account, stamp: int) -> int:
-        return sum(amt for s, amt in a.spends_today if self._day(s) == self._day(stamp))
+        return a.spent_total if a.spent_day == self._day(stamp) else 0
 
     def _add_daily_spend(self, a: Account, stamp: int, amount: int) -> None:
-        a.spends_today = [x for x in a.spends_today if self._day(x[0]) == self._day(stamp)]
-        a.spends_today.append((stamp, amount))
+        a.spent_total = self._spent_today(a, stamp) + amount
+        a.spent_day = self._day(stamp)
 
     def _single_exceeded(self, a: Account, total: int) -> bool:
         return a.single_limit > 0 and total > a.single_limit
@@ -306,12 +319,12 @@ class Model:
         score = 0
         # velocity: earlier attempts with stamp > now - window.
         w = f.velocity.window_seconds * US
-        if sum(1 for s, _ in a.attempts if s > stamp - w) >= f.velocity.attempts:
+        if in_window(a.attempt_stamps, stamp - w) >= f.velocity.attempts:
             score += f.velocity.points
         # card_testing: earlier small attempts in the window.
         ct = f.card_testing
         w = ct.window_seconds * US
-        if sum(1 for s, amt in a.attempts if s > stamp - w and amt <= ct.max_amount) >= ct.attempts:
+        if in_window(a.small_attempt_stamps, stamp - w) >= ct.attempts:
             score += ct.points
         # amount_spike: lifetime approved spends, exact integers.
         sp = f.amount_spike
@@ -335,23 +348,18 @@ class Model:
         mb = f.merchant_burst
         if merchant != 0:
             w = mb.window_seconds * US
-            recent = [ok for s, ok in self.merchant_attempts.get(merchant, []) if s > stamp - w]
-            recent = recent[-mb.last_attempts :]
+            last = self.merchant_attempts.get(merchant, [])[-mb.last_attempts :]
+            recent = [ok for s, ok in last if s > stamp - w]
             if sum(1 for ok in recent if not ok) >= mb.declines:
                 score += mb.points
         return score
 
     def _record_attempt(self, a: Account, stamp: int, amount: int, merchant: int, status: str) -> None:
-        f = self.cfg.fraud
-        # (Attempts older than every window can never count again: drop them.)
-        keep = max(f.velocity.window_seconds, f.card_testing.window_seconds) * US
-        a.attempts = [x for x in a.attempts if x[0] > stamp - keep]
-        a.attempts.append((stamp, amount))
+        a.attempt_stamps.append(stamp)
+        if amount <= self.cfg.fraud.card_testing.max_amount:
+            a.small_attempt_stamps.append(stamp)
         if merchant != 0:
-            keep = f.merchant_burst.window_seconds * US
-            recent = [x for x in self.merchant_attempts.get(merchant, []) if x[0] > stamp - keep]
-            recent.append((stamp, status in ("approved", "partial")))
-            self.merchant_attempts[merchant] = recent
+            self.merchant_attempts.setdefault(merchant, []).append((stamp, status in ("approved", "partial")))
 
     # --- operations --------------------------------------------------------------
 
@@ -456,14 +464,14 @@ class Model:
         rid = int(req["id"])
         h = Hold(rid, a.id, merchant, created=stamp, remaining=approved)
         self.hold_map[rid] = h
-        a.hold_ids.append(rid)
-        if not purchase:
-            self.by_creation.append((stamp, rid))
         if purchase:
             credited = self._merchant_account(merchant, a.currency)
             a.balance -= approved
             self._move_credited(credited, a.currency, +approved)
             h.state, h.captured, h.remaining, h.credited = "captured", approved, 0, credited
+        else:
+            a.open_holds[rid] = h
+            self.by_creation.append((stamp, rid))
         self._add_daily_spend(a, stamp, approved)
         a.approved_count += 1
         a.approved_total += approved
@@ -524,7 +532,8 @@ class Model:
                 return self._answer(req, stamp, "invalid_amount", a.id)
         a.balance -= amount
         self._move_credited(credited, a.currency, +amount)
-        h.state, h.captured, h.remaining, h.credited = "captured", amount, 0, credited
+        self._end_hold(h, "captured")
+        h.captured, h.remaining, h.credited = amount, 0, credited
         return self._answer(req, stamp, "approved", a.id, amount)
 
     def _void(self, req: dict, stamp: int) -> dict:
@@ -541,7 +550,7 @@ class Model:
             amount = h.remaining
         h.remaining -= amount
         if h.remaining == 0:
-            h.state = "voided"
+            self._end_hold(h, "voided")
         return self._answer(req, stamp, "approved", a.id, amount)
 
     def _refund(self, req: dict, stamp: int) -> dict:

@@ -382,3 +382,30 @@ def test_review_and_decline_thresholds(impl_factory):
     api.funded(1, 10**9)
     auth(api, 1, 1000, channel="qr", country=840)
     assert fired(auth(api, 1, 100_000, channel="qr", country=156))
+
+
+def run_many(impl, reqs: list[dict]) -> list[dict]:
+    """Many requests: as engine batches when the implementation has them."""
+    if hasattr(impl, "execute_many"):
+        out: list[dict] = []
+        for i in range(0, len(reqs), 4096):
+            out.extend(impl.execute_many(reqs[i : i + 4096]))
+        return out
+    return [impl.execute(r) for r in reqs]
+
+
+@pytest.mark.parametrize("amount, expected", [(10**15 - 10, False), (10**15 - 9, True)])
+def test_amount_spike_exact_beyond_64_bits(impl_factory, amount, expected):
+    """amount x count and factor x total exceed 2^64 here: the comparison must stay exact."""
+    spends, each = 20_000, 10**14 - 1  # total ~2e18: 10 x total ~2e19 > 2^64
+    api = session(impl_factory, only("amount_spike"))
+    wallet(api, 1, amount=10**15)
+    reqs = []
+    for i in range(spends):
+        rid = 10_000 + 2 * i
+        reqs.append(dict(op="authorize", id=rid, account=1, amount=each, currency=USD, merchant=MERCHANT))
+        reqs.append(dict(op="void", id=rid + 1, auth=rid, amount=0))
+    answers = run_many(api.impl, reqs)
+    assert all(a["status"] == "approved" for a in answers)
+    assert (amount * spends > 10 * spends * each) is expected  # the arithmetic the rule must do
+    assert fired(auth(api, 1, amount)) is expected

@@ -15,8 +15,11 @@ currency, available >= 0 unless credit was lowered or a refund debited).
 A second test checks that ``Engine.submit`` on numpy batches answers as one
 ``execute`` at a time does, with the same clock.
 
-Scale: the default runs are sized for well under a minute; the ``slow``
-variants multiply examples by ``AUTHCORE_SLOW_SCALE`` (default 1).
+A third runs seeded workloads over thousands of accounts, holds, merchants
+and ids, so every kernel table and index grows past its initial size.
+
+Scale: the default runs take ~10 s; the ``slow`` variants (~1 min at the
+default ``AUTHCORE_SLOW_SCALE=1``) multiply their sizes by that variable.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ DAY = C.us_per_day
 SLOW_SCALE = float(os.environ.get("AUTHCORE_SLOW_SCALE", "1"))
 examples_default = 120  # state machine runs in the default suite
 steps_default = 50  # requests (and clock moves) per run
-examples_slow = 2000  # per unit of AUTHCORE_SLOW_SCALE
-steps_slow = 150
+examples_slow = 250  # per unit of AUTHCORE_SLOW_SCALE (~40 s at 1)
+steps_slow = 100
 batch_examples_default = 60
 
 # --- configs: default-ish and tiny windows -------------------------------------
@@ -554,6 +557,8 @@ def test_digest_same_for_batched_and_single():
 big_accounts_default = 2500  # > 2 x table_rows_initial: every table and index grows
 big_requests_default = 20_000  # > 2 x table_rows_initial remembered ids and holds
 big_merchants = 700
+big_accounts_slow = 10_000  # per unit of AUTHCORE_SLOW_SCALE (~5 s each at 1)
+big_requests_slow = 60_000
 
 
 def big_workload(seed: int, n_accounts: int, n_requests: int):
@@ -650,4 +655,4 @@ def test_many_accounts_tables_grow():
 def test_many_accounts_long(seed):
     if not kernel_built():
         pytest.skip("authcore._kernel is not built yet")
-    run_big(seed, int(20_000 * SLOW_SCALE), int(200_000 * SLOW_SCALE))
+    run_big(seed, int(big_accounts_slow * SLOW_SCALE), int(big_requests_slow * SLOW_SCALE))

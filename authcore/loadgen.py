@@ -91,6 +91,7 @@ io_timeout_s = 30.0  # no byte from any connection this long: the run fails
 ready_timeout_s = 120.0  # worker start-up (imports, patterns, connections)
 start_delay_s = 0.2  # the go signal names a start this far ahead, so every worker starts at once
 recv_bytes = 1 << 20
+open_loop_linger_s = 0.001  # open loop: a due request waits at most this for company in its frame
 outbox_bytes_max = 4 << 20  # open loop: a connection's unsent bytes before it waits
 inflight_records_max = 65_536  # open loop: unanswered requests per connection (server's default cap)
 setup_chunk = 8192  # records per setup submit
@@ -845,6 +846,8 @@ class _Worker:
         self.t_first = float("inf")  # requests mode: first measured send
         self.t_last = 0.0  # requests mode: last measured answer
         self.conns: list[_Conn] = []
+        self.tl_answers: list[int] = []  # answers received in each second since the start
+        self.tl_max_us: list[int] = []  # slowest measured answer received in each second
 
     def connect(self) -> list[_Conn]:
         s = self.spec
@@ -874,6 +877,7 @@ class _Worker:
         kind, t_start = self.pipe.recv()
         assert kind == "go", kind
         time.sleep(max(0.0, t_start - time.perf_counter()))  # every worker starts at once
+        self.t_start = t_start
         self.w0 = t_start + s.warmup
         self.w1 = self.w0 + s.duration if s.duration is not None else float("inf")
         spacing = s.conns_total / s.rate if s.rate else 0.0
@@ -940,17 +944,18 @@ class _Worker:
             "answered_window": self.answered_window, "auth_window": self.auth_window,
             "measured": int(self.lat.counts.sum()), "errors": errors, "lost": self.lost,
             "statuses": dict(statuses), "t_first": self.t_first, "t_last": self.t_last,
-            "sent": sum(cs.sent for cs in conns),
+            "sent": sum(cs.sent for cs in conns), "tl_answers": self.tl_answers, "tl_max_us": self.tl_max_us,
         }  # fmt: skip
 
     # -- sending -------------------------------------------------------------
-    def _next_frame(self, cs: _Conn, t_ref: float, step: float) -> bytes | None:
+    def _next_frame(self, cs: _Conn, t_ref: float, step: float, n: int) -> bytes | None:
         s = self.spec
         measured = self.w0 <= t_ref < self.w1
         if s.duration is not None and t_ref >= self.w1:
             cs.finished = True
             return None
-        n = s.batch
+        pn = cs.codec.p.n
+        n = min(n, pn - cs.sent % pn)  # a frame never crosses a cycle of the pattern
         if measured and cs.quota is not None:
             n = min(n, cs.quota - cs.measured_sent)
             if n <= 0:
@@ -972,7 +977,7 @@ class _Worker:
             return
         parts = []
         while len(cs.inflight) < self.spec.window:
-            data = self._next_frame(cs, now, 0.0)
+            data = self._next_frame(cs, now, 0.0, self.spec.batch)
             if data is None:
                 break
             parts.append(data)
@@ -980,16 +985,23 @@ class _Worker:
             cs.out = memoryview(b"".join(parts))
 
     def _fill_open(self, cs: _Conn, now: float, spacing: float) -> float | None:
-        """Frame every request whose time has come; returns the next due time."""
+        """Frame the requests whose time has come; returns when to look again.
+
+        A frame leaves when ``batch`` requests are due, or when the oldest
+        due one has waited ``open_loop_linger_s`` (a gateway sends what it
+        has; a frame never waits for requests that are not due yet).
+        """
         parts = []
         pending = len(cs.out)
         b = self.spec.batch
         while pending < outbox_bytes_max and cs.inflight_records < inflight_records_max:
-            t_ref = cs.t0 + cs.sent * spacing
-            due = t_ref + (b - 1) * spacing  # a frame leaves when its last request is due
-            if due > now:
+            t_ref = cs.t0 + cs.sent * spacing  # the oldest unsent request's intended time
+            if t_ref > now:
                 break
-            data = self._next_frame(cs, t_ref, spacing)
+            due = min(b, int((now - cs.t0) / spacing) + 1 - cs.sent)
+            if due < b and now < t_ref + open_loop_linger_s:
+                break
+            data = self._next_frame(cs, t_ref, spacing, max(1, due))
             if data is None:
                 break
             parts.append(data)
@@ -998,7 +1010,8 @@ class _Worker:
             cs.out = memoryview(bytes(cs.out) + b"".join(parts)) if cs.out else memoryview(b"".join(parts))
         if cs.finished:
             return None
-        return cs.t0 + (cs.sent + b - 1) * spacing
+        first = cs.t0 + cs.sent * spacing
+        return min(first + open_loop_linger_s, cs.t0 + (cs.sent + b - 1) * spacing)
 
     def _send(self, cs: _Conn, sel: selectors.BaseSelector) -> None:
         try:
@@ -1032,6 +1045,12 @@ class _Worker:
         now = time.perf_counter()
         in_window = self.w0 <= now < self.w1
         self.answered += k
+        sec = int(now - self.t_start)
+        while len(self.tl_answers) <= sec:
+            self.tl_answers.append(0)
+            self.tl_max_us.append(0)
+        self.tl_answers[sec] += k
+        slowest = 0
         pattern = cs.codec.p
         while k:
             if not cs.inflight:
@@ -1039,11 +1058,14 @@ class _Worker:
             fr = cs.inflight[0]
             take = min(k, fr.n - fr.done)
             if fr.measured:
+                first_us = (now - fr.t_ref - fr.done * fr.step) * 1e6
                 if fr.step:
-                    self.lat.add_ramp((now - fr.t_ref - fr.done * fr.step) * 1e6, fr.step * 1e6, take)
+                    self.lat.add_ramp(first_us, fr.step * 1e6, take)
                 else:
-                    self.lat.add((now - fr.t_ref) * 1e6, take)
+                    self.lat.add(first_us, take)
                 self.t_last = now
+                if first_us > slowest:
+                    slowest = first_us
             if in_window:
                 self.answered_window += take
                 a = fr.start + fr.done
@@ -1053,6 +1075,8 @@ class _Worker:
             if fr.done == fr.n:
                 cs.inflight.popleft()
                 cs.inflight_records -= fr.n
+        if slowest > self.tl_max_us[sec]:
+            self.tl_max_us[sec] = int(slowest)
 
     def _lose(self, cs: _Conn) -> None:
         """A broken connection: its unanswered requests are errors."""
@@ -1250,9 +1274,6 @@ def _supervise(d: DriveSpec, workers: list[dict], progress: bool) -> dict:
         w["pipe"].send(("go", t_start))
     total_s = (d.warmup + d.duration) if d.duration is not None else None
     failures = []
-    timeline: list[list] = []  # [seconds since start, answers/s, p50_us, p99_us] per progress interval
-    tick_counts = np.zeros(hdr_keys, np.int64)
-    tick = (t_start, 0)
     with _Display(progress, f"authcore bench → {d.label}", total_s) as disp:
         pending = {id(w["pipe"]): w for w in workers}
         while pending:
@@ -1269,7 +1290,6 @@ def _supervise(d: DriveSpec, workers: list[dict], progress: bool) -> dict:
                     w["answered"] = info["answered"]
                     w["errors"] = info.get("errors", 0)
                     np.add.at(disp.interval, info["keys"], info["counts"])
-                    np.add.at(tick_counts, info["keys"], info["counts"])
                 elif kind == "done":
                     w["result"] = info
                     w["answered"] = info["answered"]
@@ -1278,22 +1298,12 @@ def _supervise(d: DriveSpec, workers: list[dict], progress: bool) -> dict:
                 else:
                     failures.append(str(info))
                     del pending[id(pipe)]
-            now = time.perf_counter()
-            if now - tick[0] >= progress_interval_s:
-                answered = sum(w["answered"] for w in workers)
-                p50, p99 = percentiles_of(tick_counts)
-                rate = (answered - tick[1]) / (now - tick[0])
-                timeline.append([round(now - t_start, 2), round(rate), p50, p99])
-                tick_counts[:] = 0
-                tick = (now, answered)
-            elapsed = now - t_start
+            elapsed = time.perf_counter() - t_start
             phase = "warm-up" if elapsed < d.warmup else ("measure" if total_s is None or elapsed < total_s else "drain")
             disp.update(max(0.0, elapsed), sum(w["answered"] for w in workers), sum(w.get("errors", 0) for w in workers), phase)
     if failures:
         raise RuntimeError("; ".join(failures))
-    result = aggregate(d, [w["result"] for w in workers], t_start)
-    result["timeline"] = timeline
-    return result
+    return aggregate(d, [w["result"] for w in workers], t_start)
 
 
 def aggregate(d: DriveSpec, results: list[dict], t_start: float) -> dict:
@@ -1331,7 +1341,21 @@ def aggregate(d: DriveSpec, results: list[dict], t_start: float) -> dict:
         "lost": sum(r["lost"] for r in results),
         "answered": sum(r["answered"] for r in results),
         "statuses": dict(sorted(statuses.items())),
+        "timeline": timeline_of(results),
     }
+
+
+def timeline_of(results: list[dict]) -> list[list[int]]:
+    """[second since the start, answers received in it, slowest measured answer (µs)]."""
+    n = max((len(r.get("tl_answers", ())) for r in results), default=0)
+    answers = np.zeros(n, np.int64)
+    slowest = np.zeros(n, np.int64)
+    for r in results:
+        a = r.get("tl_answers", [])
+        answers[: len(a)] += a
+        m = r.get("tl_max_us", [])
+        slowest[: len(m)] = np.maximum(slowest[: len(m)], m)
+    return [[i, int(answers[i]), int(slowest[i])] for i in range(n)]
 
 
 # --- accounts ---------------------------------------------------------------------------

@@ -192,6 +192,8 @@ class _PgWorker:
         self.sent = 0
         self.t_first = float("inf")
         self.t_last = 0.0
+        self.tl_answers: list[int] = []
+        self.tl_max_us: list[int] = []
 
     async def run(self) -> dict:
         import psycopg
@@ -208,6 +210,7 @@ class _PgWorker:
         self.pipe.send(("ready", None))
         kind, t_start = self.pipe.recv()
         assert kind == "go"
+        self.t_start = t_start
         self.w0 = t_start + s.warmup
         self.w1 = self.w0 + s.duration if s.duration is not None else float("inf")
         await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
@@ -226,6 +229,7 @@ class _PgWorker:
             "answered_window": self.answered_window, "auth_window": self.auth_window,
             "measured": int(self.lat.counts.sum()), "errors": self.errors, "lost": 0,
             "statuses": dict(self.statuses), "t_first": self.t_first, "t_last": self.t_last, "sent": self.sent,
+            "tl_answers": self.tl_answers, "tl_max_us": self.tl_max_us,
         }  # fmt: skip
 
     async def _connection(self, c: int, conn: Any, p: L.Pattern, quota: int | None) -> None:
@@ -265,6 +269,13 @@ class _PgWorker:
                 self.statuses[type(e).__name__] += 1
                 status = None
             done = time.perf_counter()
+            sec = int(done - self.t_start)
+            while len(self.tl_answers) <= sec:
+                self.tl_answers.append(0)
+                self.tl_max_us.append(0)
+            self.tl_answers[sec] += 1
+            if measured:
+                self.tl_max_us[sec] = max(self.tl_max_us[sec], int((done - t) * 1e6))
             i += 1
             self.sent += 1
             self.answered += 1

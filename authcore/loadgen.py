@@ -1592,25 +1592,32 @@ def sweep(base: DriveSpec, top: float, progress: bool) -> list[dict]:
 
 
 def plot(points: list[dict], path: str, closed: dict | None = None) -> None:
+    """Latency percentiles (log) and achieved throughput against the offered rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    x = [p["throughput"] / 1000 for p in points]
+    fig, (top, ax) = plt.subplots(2, 1, figsize=(8, 6.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [1, 2]})
+    x = [p["rate"] / 1000 for p in points]
+    top.plot(x, x, color="grey", linestyle=":", linewidth=1, label="offered")
+    top.plot(x, [p["throughput"] / 1000 for p in points], marker="o", color="black", label="achieved")
+    if closed is not None:
+        top.axhline(closed["throughput"] / 1000, color="grey", linestyle="--", linewidth=1,
+                    label=f"closed-loop max {closed['throughput'] / 1000:,.0f} k/s")  # fmt: skip
+    top.set_ylabel("thousand requests/s")
+    top.legend(fontsize=8)
+    top.grid(True, alpha=0.3)
     for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
         ax.plot(x, [max(1, p[key]) / 1000 for p in points], marker="o", label=label)
-    if closed is not None:
-        ax.axvline(closed["throughput"] / 1000, color="grey", linestyle="--", linewidth=1,
-                   label=f"closed-loop max {closed['throughput'] / 1000:,.0f} k/s")  # fmt: skip
     ax.set_yscale("log")
-    ax.set_xlabel("achieved throughput (thousand requests/s)")
-    ax.set_ylabel("latency from intended send time (ms, log)")
-    opts = (closed or {}).get("options", {})
-    ax.set_title(f"authcore {opts.get('protocol', '')}: latency vs throughput (open loop, sync={opts.get('sync', '?')})")
+    ax.set_xlabel("offered rate (thousand requests/s, open loop)")
+    ax.set_ylabel("latency from intended send (ms)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    opts = (closed or {}).get("options", {})
+    fig.suptitle(f"authcore {opts.get('protocol', '')}, sync={opts.get('sync', '?')}, mix {opts.get('mix', '?').split(',')[0]}..., "
+                 f"{opts.get('duration', '?')} s per rate", fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

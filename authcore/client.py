@@ -8,6 +8,12 @@ reconnect-and-retry: when the connection breaks, the requests whose answers
 did not arrive are sent again on a new connection with the same ids, which
 is safe because a repeated id returns the first answer (SPEC §1).
 
+TLS and identities (docs/security.md): ``tls=`` an ``ssl.SSLContext``
+(``authcore.security.client_tls_context(ca, cert, key)`` makes one, with a
+client certificate for mutual TLS); ``api_key=`` is sent first on every
+connection (JSON: an auth line; binary: after the hello) when the server
+identifies clients by key.
+
 Non-goals: connection pools, load generation (``authcore bench``), ISO 8583
 (pyiso8583 is the client for that).  Queries carry no id; retrying them is
 harmless.  Requests answered ``unavailable`` are returned, not retried: the
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import selectors
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -123,7 +130,8 @@ def _json_answer(line: bytes) -> dict:
 class _Base:
     """What both clients share: encoding requests into units of exchange."""
 
-    def __init__(self, host: str, port: int, protocol: str, retries: int, timeout: float):
+    def __init__(self, host: str, port: int, protocol: str, retries: int, timeout: float,
+                 tls: ssl.SSLContext | None = None, api_key: str | None = None):  # fmt: skip
         if protocol not in ("json", "binary"):
             raise ValueError(f'protocol must be "json" or "binary", not {protocol!r}')
         self.host = host
@@ -134,6 +142,27 @@ class _Base:
         self.frame_records = frame_records_default
         self.server_limits: dict[str, int] = {}
         self._tag = 0
+        self.tls = tls
+        self.api_key = api_key
+        self.client_name: str | None = None  # what the server called us after an API key
+
+    def _greeting(self) -> tuple[list[bytes], Any]:
+        """Units sent first on a new connection, and their decoder."""
+        if self.protocol == "binary":
+            key = self.api_key.encode() if self.api_key else b""
+            return [wire.frame(wire.FrameType.hello, wire.HELLO.pack(wire.PROTOCOL_ID, wire.VERSION, 0, 0) + key)], _FrameDecoder()
+        if self.api_key:
+            return [orjson.dumps({"op": "auth", "api_key": self.api_key}, option=orjson.OPT_APPEND_NEWLINE)], _LineDecoder()
+        return [], None
+
+    def _greeted(self, resp: Any) -> None:
+        if self.protocol == "binary":
+            self._hello_ok(resp)
+            return
+        ans = orjson.loads(resp)
+        if ans.get("status") != "approved":
+            raise ProtocolError(ans.get("error", "authentication refused"), 57)
+        self.client_name = ans.get("client")
 
     # unit of exchange: JSON = one line per request; binary = one frame per chunk
     def _json_units(self, reqs: Sequence[dict]) -> list[bytes]:
@@ -194,8 +223,10 @@ class Client(_Base):
         retries: int = retries_default,
         timeout: float = io_timeout_seconds,
         connect: bool = True,
+        tls: ssl.SSLContext | None = None,
+        api_key: str | None = None,
     ):
-        super().__init__(host, port, protocol, retries, timeout)
+        super().__init__(host, port, protocol, retries, timeout, tls, api_key)
         self.sock: socket.socket | None = None
         self.reconnects = 0
         if connect:
@@ -205,11 +236,17 @@ class Client(_Base):
         self.close()
         sock = socket.create_connection((self.host, self.port), timeout=connect_timeout_seconds)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)  # handshake, blocking with the timeout
+            except BaseException:
+                sock.close()
+                raise
         sock.setblocking(False)
         self.sock = sock
-        if self.protocol == "binary":
-            resp = self._pump([wire.hello_frame()], _FrameDecoder())
-            self._hello_ok(resp[0])
+        units, decoder = self._greeting()
+        if units:
+            self._greeted(self._pump(units, decoder)[0])
 
     def close(self) -> None:
         if self.sock is not None:
@@ -233,6 +270,7 @@ class Client(_Base):
         sent = 0
         got = [] if got is None else got
         want = len(got) + len(units)
+        pending = getattr(sock, "pending", None)
         with selectors.DefaultSelector() as sel:
             sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0))
             writing = bool(out)
@@ -244,7 +282,7 @@ class Client(_Base):
                     if mask & selectors.EVENT_WRITE:
                         try:
                             sent += sock.send(out[sent : sent + recv_bytes])
-                        except BlockingIOError:
+                        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                             pass
                         if sent == len(out):
                             writing = False
@@ -252,7 +290,9 @@ class Client(_Base):
                     if mask & selectors.EVENT_READ:
                         try:
                             data = sock.recv(recv_bytes)
-                        except BlockingIOError:
+                            while pending is not None and pending():  # TLS: decrypted bytes the selector cannot see
+                                data += sock.recv(recv_bytes)
+                        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                             continue
                         if not data:
                             raise ConnectionError("server closed the connection")
@@ -316,8 +356,10 @@ class AsyncClient(_Base):
         *,
         retries: int = retries_default,
         timeout: float = io_timeout_seconds,
+        tls: ssl.SSLContext | None = None,
+        api_key: str | None = None,
     ):
-        super().__init__(host, port, protocol, retries, timeout)
+        super().__init__(host, port, protocol, retries, timeout, tls, api_key)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.reconnects = 0
@@ -326,11 +368,13 @@ class AsyncClient(_Base):
     async def connect(self) -> None:
         await self.close()
         self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, limit=recv_bytes), connect_timeout_seconds
-        )
-        if self.protocol == "binary":
-            resp = await self._pump([wire.hello_frame()], _FrameDecoder())
-            self._hello_ok(resp[0])
+            asyncio.open_connection(self.host, self.port, limit=recv_bytes, ssl=self.tls,
+                                    server_hostname=self.host if self.tls is not None else None),
+            connect_timeout_seconds,
+        )  # fmt: skip
+        units, decoder = self._greeting()
+        if units:
+            self._greeted((await self._pump(units, decoder))[0])
 
     async def close(self) -> None:
         w = self.writer

@@ -115,12 +115,49 @@ class Engine:
 
 
 @dataclass(frozen=True)
+class Tls:
+    """TLS on every listener (docs/security.md); "" cert_file = plain TCP."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""  # verify client certificates against this CA
+    require_client_cert: bool = False  # mutual TLS: no trusted certificate, no connection
+    handshake_timeout_seconds: float = 10.0  # also bounds the wait for an API key
+
+
+@dataclass(frozen=True)
+class AuthClient:
+    name: str = ""
+    role: str = "gateway"  # "gateway" or "admin" (security.ROLES)
+    ops: tuple[str, ...] = ()  # when given, exactly these operations (overrides role)
+    subject: str = ""  # certificate subject pairs that must all match, "CN=gw1,O=Acme"
+    rate_per_second: float = 0.0  # 0 = limits.rate_per_second
+    burst: int = 0  # 0 = limits.burst
+
+
+@dataclass(frozen=True)
+class Auth:
+    api_keys_file: str = ""  # "name key" per line; outside the repository
+    audit_file: str = ""  # JSON lines of refusals; "" = the authcore.audit logger only
+    clients: tuple[AuthClient, ...] = ()  # none = open local mode
+
+
+@dataclass(frozen=True)
+class Limits:
+    rate_per_second: float = 0.0  # requests per second per client (per connection without identities); 0 = unlimited
+    burst: int = 0  # bucket size; 0 = one second's worth
+
+
+@dataclass(frozen=True)
 class Config:
     hold_ttl_seconds: int = 604_800
     fraud: Fraud = field(default_factory=Fraud)
     durability: Durability = field(default_factory=Durability)
     server: Server = field(default_factory=Server)
     engine: Engine = field(default_factory=Engine)
+    tls: Tls = field(default_factory=Tls)
+    auth: Auth = field(default_factory=Auth)
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def default(cls) -> "Config":
@@ -189,6 +226,33 @@ class Config:
             raise ConfigError(f"server.batch_max: must be 1..{C.batch_count_max}")
         if self.engine.idempotency_ids_max < 1024:
             raise ConfigError("engine.idempotency_ids_max: must be >= 1024")
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        t, a = self.tls, self.auth
+        if bool(t.cert_file) != bool(t.key_file):
+            raise ConfigError("tls.cert_file and tls.key_file: give both or neither")
+        if t.client_ca_file and not t.cert_file:
+            raise ConfigError("tls.client_ca_file: needs tls.cert_file (client certificates need TLS)")
+        if t.require_client_cert and not t.client_ca_file:
+            raise ConfigError("tls.require_client_cert: needs tls.client_ca_file")
+        if t.handshake_timeout_seconds <= 0:
+            raise ConfigError("tls.handshake_timeout_seconds: must be > 0")
+        names = set()
+        for i, c in enumerate(a.clients):
+            where = f"auth.clients[{i}]"
+            if not c.name or c.name in names:
+                raise ConfigError(f"{where}.name: must be non-empty and unique")
+            names.add(c.name)
+            if c.role not in ("gateway", "admin"):
+                raise ConfigError(f'{where}.role: must be "gateway" or "admin"')
+            for op in c.ops:
+                if op not in C.Op.__members__:
+                    raise ConfigError(f"{where}.ops: {op!r} is not an operation")
+            if c.subject and not all("=" in p for p in c.subject.split(",") if p.strip()):
+                raise ConfigError(f"{where}.subject: expected NAME=value pairs, e.g. CN=gateway-1,O=Acme")
+        if a.api_keys_file and not a.clients:
+            raise ConfigError("auth.api_keys_file: needs [[auth.clients]] to map keys to")
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
@@ -228,6 +292,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string")
         return value
+    if getattr(tp, "__origin__", None) is tuple and tp.__args__[0] is str:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: expected a list of strings")
+        return tuple(value)
+    if getattr(tp, "__origin__", None) is tuple and is_dataclass(tp.__args__[0]):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected an array of tables")
+        return tuple(_build(tp.__args__[0], v, f"{path}[{i}].") for i, v in enumerate(value))
     if getattr(tp, "__origin__", None) is tuple:
         if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{path}: expected a list of integers")
@@ -239,5 +311,5 @@ def _to_dict(obj: Any) -> Any:
     if is_dataclass(obj):
         return {f.name: _to_dict(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, tuple):
-        return list(obj)
+        return [_to_dict(v) for v in obj]
     return obj

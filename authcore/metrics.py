@@ -73,6 +73,15 @@ class Metrics:
         self.connections_timed_out = Counter(
             "authcore_connections_timed_out", "Connections closed by read or idle timeouts", ["protocol"], registry=r
         )
+        # Security (issue 7): labels are configured client names and enum names only.
+        self.forbidden = Counter(
+            "authcore_forbidden", "Requests answered not_permitted by client permissions", ["client", "op"], registry=r
+        )
+        self.rate_limited = Counter("authcore_rate_limited", "Requests refused by a client's rate limit", ["client"], registry=r)
+        self.auth_refused = Counter(
+            "authcore_auth_refused", "Connections refused at the TLS handshake or authentication", ["protocol", "reason"],
+            registry=r,
+        )
         # Children resolved lazily per (op, status) slot: labels() is a dict
         # lookup plus a lock, too slow to call per request but fine per slot.
         self._request_cells: dict[int, object] = {}
@@ -178,7 +187,9 @@ class MetricsHTTP(asyncio.Protocol):
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
-async def start_metrics_server(metrics: Metrics, ready: Callable[[], bool], host: str, port: int) -> asyncio.Server:
+async def start_metrics_server(
+    metrics: Metrics, ready: Callable[[], bool], host: str, port: int, ssl: Any = None
+) -> asyncio.Server:
     """Listen for scrapes; returns the asyncio server (port 0 picks a free one)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: MetricsHTTP(metrics, ready), host, port)
+    return await loop.create_server(lambda: MetricsHTTP(metrics, ready), host, port, ssl=ssl)

@@ -17,8 +17,11 @@ Goals:
 - ``serve``: open storage, recover, listen, print the ports, drain on
   SIGTERM/SIGINT (stop accepting, answer what is in flight, sync, close).
 
-Non-goals: parsing (``authcore.protocols``), TLS and permissions (issue 7),
-more than one writer (the engine is one shard).
+TLS, identities, permissions and rate limits are ``authcore.security``;
+the hooks here (``Server.security``, None in open local mode) are the only
+coupling.
+
+Non-goals: parsing (``authcore.protocols``), more than one writer (the engine is one shard).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ write_buffer_low_divisor = 4  # resume writing-side reading at high-water / 4
 inflight_resume_divisor = 2  # resume reading below inflight_max / 2 (hysteresis)
 drain_timeout_seconds = 10.0  # a client that never reads cannot hold up exit
 timer_interval_seconds = 1.0  # resolution of read/idle timeouts
+pre_tls_bytes_max = 64 << 10  # bytes kept from before a TLS upgrade (a ClientHello is < 16 KiB)
 linger_seconds = 2.0  # after our FIN, read and discard the peer's input this long (see _linger)
 default_ports = {"binary": 7400, "json": 7401, "iso8583": 7402, "metrics": 7403}
 default_data_dir = "./authcore-data"
@@ -83,7 +87,7 @@ _session_moves = {
 class _Entry:
     """One ordered slot of a session's output: engine work or a ready reply."""
 
-    __slots__ = ("session", "requests", "context", "prepare", "n", "answers", "got", "payload")
+    __slots__ = ("session", "requests", "context", "prepare", "n", "answers", "got", "payload", "keep", "full", "refused")
 
     def __init__(self, session: "Session", requests: np.ndarray | None, context: Any, prepare, payload=None):
         self.session = session
@@ -94,6 +98,12 @@ class _Entry:
         self.answers: np.ndarray | None = None
         self.got = 0
         self.payload: bytes | None = payload
+        # Some records refused by security.check: ``requests`` holds only the
+        # passing ones (rows ``keep`` of ``full``); ``answers`` is pre-filled
+        # for all rows; ``refused`` is the reason per row (0 = passed).
+        self.keep: np.ndarray | None = None
+        self.full: np.ndarray | None = None
+        self.refused: np.ndarray | None = None
 
 
 class Session(asyncio.Protocol):
@@ -121,6 +131,17 @@ class Session(asyncio.Protocol):
         self.lingering = False
         self.peer_eof = False
         self._linger_timer: asyncio.TimerHandle | None = None
+        # security (authcore.security); untouched in open local mode
+        self.tls_done = False
+        self.pre_tls: bytearray | None = None
+        self.early_app: bytearray | None = None
+        self.peer: str | None = None
+        self.client: Any = None
+        self.client_name: str | None = None
+        self.bucket: Any = None
+        self.awaiting_key = False
+        self.awaiting_since = 0
+        self.throttled = False
 
     # -- state ------------------------------------------------------------
     def _set_state(self, to: SessionState) -> None:
@@ -129,6 +150,13 @@ class Session(asyncio.Protocol):
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio.Transport
+        sec = self.server.security
+        if sec is not None:
+            if sec.intercept(self, transport):
+                return  # the TLS handshake calls connection_made again when done
+            if not sec.identify(self, transport):
+                transport.close()
+                return
         self.transport = transport
         limits = self.server.limits
         high = limits.write_buffer_high_bytes
@@ -152,6 +180,12 @@ class Session(asyncio.Protocol):
         self.inflight = 0
 
     def data_received(self, data: bytes) -> None:
+        if self.pre_tls is not None:  # during a TLS upgrade (authcore.security)
+            if self.early_app is not None:  # decrypted before connection_made: replayed right after it
+                self.early_app += data
+            elif len(self.pre_tls) + len(data) <= pre_tls_bytes_max:  # beyond: garbage, the handshake fails
+                self.pre_tls += data
+            return
         if self.state != SessionState.open:
             return  # draining or closed: what was not parsed before is not answered
         self.last_read_tick = self.server.tick
@@ -210,6 +244,12 @@ class Session(asyncio.Protocol):
         """
         assert requests.dtype == REQUEST_DTYPE, requests.dtype
         assert requests.ndim == 1
+        sec = self.server.security
+        if sec is not None and len(requests):
+            refused = sec.check(self, requests)
+            if refused is not None:
+                self._submit_filtered(requests, context, prepare, refused)
+                return
         if len(requests) == 0:
             self.entries.append(_Entry(self, requests, context, None))
             self.entries[-1].answers = np.zeros(0, ANSWER_DTYPE)
@@ -219,6 +259,36 @@ class Session(asyncio.Protocol):
         self.entries.append(entry)
         self.inflight += entry.n
         self.server._enqueue(entry)
+
+    def _submit_filtered(self, requests: np.ndarray, context: Any, prepare, refused: np.ndarray) -> None:
+        """Refused records are answered here; only the rest reach the engine."""
+        from .security import refusal_answers
+
+        keep = np.flatnonzero(refused == 0)
+        entry = _Entry(self, requests[keep], context, None)
+        entry.full, entry.keep, entry.refused = requests, keep, refused
+        entry.answers = refusal_answers(requests, refused)
+        self.entries.append(entry)
+        if len(keep) == 0:
+            self._entry_done(entry)
+            return
+        if prepare is not None:
+            entry.prepare = _filtered_prepare(prepare, requests, keep)
+        self.inflight += entry.n
+        self.server._enqueue(entry)
+
+    def throttle(self, seconds: float) -> None:
+        """Rate limit hit: stop reading this connection for ``seconds``."""
+        if self.throttled:
+            return
+        self.throttled = True
+        self._update_reading()
+
+        def lift() -> None:
+            self.throttled = False
+            self._update_reading()
+
+        self.server.loop.call_later(seconds, lift)
 
     def reply(self, payload: bytes) -> None:
         """Write an answer the session made itself, in order with the rest."""
@@ -247,7 +317,9 @@ class Session(asyncio.Protocol):
 
     def _deliver(self, entry: _Entry, offset: int, answers: np.ndarray) -> None:
         """Answers for entry[offset:offset+len] arrived from one batch."""
-        if offset == 0 and len(answers) == entry.n:
+        if entry.keep is not None:
+            entry.answers[entry.keep[offset : offset + len(answers)]] = answers
+        elif offset == 0 and len(answers) == entry.n:
             entry.answers = answers
         else:
             if entry.answers is None:
@@ -261,9 +333,12 @@ class Session(asyncio.Protocol):
     def _entry_done(self, entry: _Entry) -> None:
         if self.state == SessionState.closed:
             return
+        if entry.full is not None:
+            entry.requests = entry.full  # encode sees every row, refused ones included
         entry.payload = self.encode(entry)
         entry.requests = None  # the payload is all that is kept
         entry.answers = None
+        entry.full = None
         written = 0
         entries = self.entries
         while entries and entries[0].payload is not None:
@@ -317,6 +392,7 @@ class Session(asyncio.Protocol):
             want_pause = self.write_paused or self.inflight > limits.inflight_max // inflight_resume_divisor
         else:
             want_pause = self.write_paused or self.inflight > limits.inflight_max
+        want_pause = want_pause or self.throttled
         if want_pause and not self.read_paused:
             t.pause_reading()
             self.read_paused = True
@@ -333,6 +409,9 @@ class Session(asyncio.Protocol):
             self._timeout("answers not read", hard=True)  # lingering or not: it will never drain
         elif self.lingering:
             return
+        elif self.awaiting_key and (tick - self.awaiting_since) * timer_interval_seconds >= self.server.security.handshake_timeout:
+            self.server.security.refused(self.protocol_name, self.peer or "?", "auth_timeout", "no API key in time")
+            self._timeout("authentication")
         elif not self.read_paused and self.has_partial() and quiet >= limits.read_timeout_seconds:
             self._timeout("incomplete message")
         elif not self.entries and not self.has_partial() and limits.idle_timeout_seconds > 0 and quiet >= limits.idle_timeout_seconds:
@@ -348,6 +427,23 @@ class Session(asyncio.Protocol):
         if not self.entries:
             self.send_error(f"{why} timeout")  # else it would overtake answers still due
         self.start_draining()
+
+
+def _filtered_prepare(prepare, full: np.ndarray, keep: np.ndarray):
+    """A prepare hook for a filtered entry: the protocol's hook sees every
+    record once (in place, on the writer thread), then each batch slice gets
+    the passing rows.  Slices come in order, so a cursor is enough."""
+    state = {"done": False, "cursor": 0}
+
+    def run(engine: Any, out: np.ndarray) -> None:
+        if not state["done"]:
+            prepare(engine, full)
+            state["done"] = True
+        c = state["cursor"]
+        out[:] = full[keep[c : c + len(out)]]
+        state["cursor"] = c + len(out)
+
+    return run
 
 
 class _TimedLog:
@@ -423,6 +519,7 @@ class Server:
         self._idle.set()
         self._timer: asyncio.TimerHandle | None = None
         self._unavailable = _unavailable_error_types()
+        self.security: Any = None  # authcore.security.Security; None = open local mode
 
     # -- listeners ---------------------------------------------------------
     async def listen(self, name: str, factory: Callable[[], asyncio.Protocol], host: str, port: int) -> int:
@@ -634,14 +731,23 @@ async def start_engine(
     want = dict(default_ports)
     want.update(ports or {})
     metrics = metrics if metrics is not None else Metrics()
+    from .security import Security, metrics_tls_context
+
     server = Server(engine, config, hasher=engine.hasher, metrics=metrics, storage=storage)
+    server.security = Security.from_config(config, metrics)
+    if server.security is None:
+        log.info("security: open local mode: no TLS, no client identities, no rate limits; every client may call every operation")
+    else:
+        log.info("security: %s", server.security.describe())
     if storage is not None:
         server.timed_log = _TimedLog(storage)
         engine.attach_log(server.timed_log)
     bound: dict[str, int | None] = {}
     try:
         if metrics_server is None:
-            metrics_server = await start_metrics_server(metrics, server.ready, host, want["metrics"])
+            metrics_server = await start_metrics_server(
+                metrics, server.ready, host, want["metrics"], ssl=metrics_tls_context(config)
+            )
         if readiness is not None:
             readiness.server = server
         bound["metrics"] = metrics_server.sockets[0].getsockname()[1]
@@ -694,7 +800,9 @@ async def start(
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     readiness = _Readiness()
-    metrics_server = await start_metrics_server(metrics, readiness, host, want["metrics"])
+    from .security import metrics_tls_context
+
+    metrics_server = await start_metrics_server(metrics, readiness, host, want["metrics"], ssl=metrics_tls_context(config))
 
     def open_and_recover():
         storage = Storage.open(data, config, truncate_corrupt=truncate_corrupt)

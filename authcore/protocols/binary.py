@@ -257,6 +257,11 @@ class BinarySession(Session):
         if version != VERSION:
             self._fail(ErrorCode.unsupported_version, f"version {version} not supported; this server speaks {VERSION}", tag)
             return False
+        if self.awaiting_key:  # identities without a client certificate: the API key follows the hello
+            sec = self.server.security
+            if sec.authenticate_key(self, payload[HELLO.size :]) is None:
+                self._fail(ErrorCode.handshake_required, "authentication required: unknown or missing API key after hello", tag)
+                return False
         lim = self.server.limits
         body = HELLO_OK.pack(
             PROTOCOL_ID, VERSION, 0, request_size, answer_size, lim.frame_bytes_max, lim.inflight_max, lim.batch_max, 0

@@ -157,6 +157,22 @@ def encode_answers(requests: np.ndarray, answers: np.ndarray) -> bytes:
     return body[1:-1].replace(b"},{", b"}\n{") + b"\n"
 
 
+def _encode_with_refusals(entry: _Entry, client: str | None) -> bytes:
+    """Answer lines of a submit some of whose records security refused."""
+    from ..security import refusal_json
+
+    refused = entry.refused
+    keep = entry.keep
+    out: list = [None] * len(refused)
+    if len(keep):
+        for i, d in zip(keep.tolist(), answer_dicts(entry.requests[keep], entry.answers[keep])):
+            out[i] = d
+    ids, ops = entry.requests["id"].tolist(), entry.requests["op"].tolist()
+    for i in np.flatnonzero(refused).tolist():
+        out[i] = refusal_json(ids[i], ops[i], int(refused[i]), client)
+    return b"".join(orjson.dumps(d, option=_OPT) for d in out)
+
+
 # --- requests: a fast path for the hot operations ---------------------------------
 #
 # records.request_tuple is the reference parser (it names the field of every
@@ -299,6 +315,12 @@ class JsonLinesSession(Session):
         loads = orjson.loads
         line_max = self.line_max
         for line in lines:
+            if self.awaiting_key:  # identities without a client certificate: the first line is the API key
+                if not line.strip():
+                    continue
+                if not self._authenticate(line):
+                    return
+                continue
             if len(line) > line_max:
                 self._submit(recs)
                 recs = []
@@ -338,6 +360,25 @@ class JsonLinesSession(Session):
                 self._bad(f"malformed request: {type(e).__name__}", obj.get("id"))
         self._submit(recs)
 
+    def _authenticate(self, line: bytes) -> bool:
+        """``{"op": "auth", "api_key": "..."}`` -> ``{"status": "approved", "client": name}``."""
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        key = obj.get("api_key") if type(obj) is dict and obj.get("op") == "auth" else None
+        name = self.server.security.authenticate_key(self, key.encode()) if type(key) is str else None
+        if name is None:
+            if type(key) is not str:
+                self.server.security.refused(self.protocol_name, self.peer or "?", "bad_api_key", "first line is not an auth line")
+            self.reply(orjson.dumps({"op": "auth", "status": "not_permitted", "code": STATUS_CODE[Status.not_permitted],
+                                     "error": 'authentication required: send {"op": "auth", "api_key": ...} first'},
+                                    option=_OPT))  # fmt: skip
+            self.start_draining()
+            return False
+        self.reply(orjson.dumps({"op": "auth", "status": "approved", "code": "00", "client": name}, option=_OPT))
+        return True
+
     def _submit(self, recs: list) -> None:
         if not recs:
             return
@@ -348,6 +389,8 @@ class JsonLinesSession(Session):
         self.reply(bad_request_line(error, request_id))
 
     def encode(self, entry: _Entry) -> bytes:
+        if entry.refused is not None:
+            return _encode_with_refusals(entry, self.client_name)
         return encode_answers(entry.requests, entry.answers)
 
     def send_error(self, message: str) -> None:

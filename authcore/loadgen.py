@@ -1539,6 +1539,7 @@ def options_of(args: argparse.Namespace) -> dict:
         "target": args.target, "protocol": args.protocol, "connections": args.connections, "processes": args.processes,
         "duration": args.duration if args.requests is None else None, "warmup": args.warmup, "requests": args.requests,
         "rate": args.rate, "batch": args.batch, "window": args.window, "accounts": args.accounts, "skew": args.skew,
+        "zipf_exponent": args.zipf_exponent if args.skew == "zipf" else None,
         "mix": mix_text(parse_mix(args.mix)), "sync": args.sync if not args.target else "target", "seed": args.seed,
     }  # fmt: skip
 
@@ -1550,8 +1551,6 @@ def run(args: argparse.Namespace) -> dict:
     mix = parse_mix(args.mix)
     if not 1 <= args.accounts <= accounts_max:
         raise ValueError(f"--accounts must be 1..{accounts_max}")
-    if args.protocol == "iso8583" and mix.get("transfer"):
-        pass  # ISO 8583 has no transfer: the Workload turns them into authorisations
     if args.rate is not None and args.rate <= 0:
         raise ValueError("--rate must be > 0")
     if args.plot and args.requests is not None:

@@ -371,6 +371,7 @@ def test_compare_table_and_json(peers, tmp_path):
     table = compare.markdown_table(FAKE)
     assert "| postgresql 15.18 | 3,000 | 5.00 ms | 17.00 ms | 100.0× |" in table
     assert "| authcore | 300,000 | 20.00 ms | 90.00 ms | 1× |" in table
+    assert compare.label("redis_pipeline_512", FAKE["redis"]) == "redis 7.0.15 (pipelines of 512)"
     machine = {"cpus": 2, "load_avg_1m": 3.5, "python": "3.11", "kernel": "6", "fdatasync_ms": 3.2}
     opts = {"duration": 10, "warmup": 2, "connections": 16, "processes": 2, "accounts": 100_000, "skew": "uniform"}
     results = tmp_path / "RESULTS.md"

@@ -184,6 +184,13 @@ def _ms(us: float) -> str:
     return f"{us / 1000:,.2f} ms"
 
 
+def label(name: str, r: dict) -> str:
+    """``redis_pipeline_512`` + version -> ``redis 7.0.15 (pipelines of 512)``."""
+    system, _, depth = name.partition("_pipeline_")
+    version = f" {r['version']}" if r.get("version") and r["version"] != "this tree" else ""
+    return f"{system}{version}" + (f" (pipelines of {depth})" if depth else "")
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     base = results.get("authcore", {}).get("throughput")
     lines = [
@@ -192,9 +199,8 @@ def markdown_table(results: dict[str, dict]) -> str:
     ]
     for name, r in results.items():
         ratio = "1×" if name == "authcore" else (f"{base / r['throughput']:,.1f}×" if base and r.get("throughput") else "—")
-        version = f" {r['version']}" if r.get("version") and r["version"] != "this tree" else ""
         lines.append(
-            f"| {name}{version} | {r['throughput']:,} | {_ms(r['p50_us'])} | {_ms(r['p99_us'])} | {ratio} | "
+            f"| {label(name, r)} | {r['throughput']:,} | {_ms(r['p50_us'])} | {_ms(r['p99_us'])} | {ratio} | "
             f"{r.get('errors', 0):,} | {r.get('config', '')} |"
         )
     return "\n".join(lines)

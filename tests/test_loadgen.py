@@ -333,6 +333,7 @@ def test_cli_bench_json_last_line(server):
 
 
 def test_plot_sweep(server, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")  # the optional "bench" extra
     monkeypatch.setattr(L, "plot_fractions", (0.3, 0.6, 1.0))
     png = tmp_path / "lat.png"
     r = L.run(parse(["--target", f"127.0.0.1:{server['binary']}", "--duration", "0.4", "--warmup", "0.1",

@@ -246,7 +246,11 @@ class Client(_Base):
         self.sock = sock
         units, decoder = self._greeting()
         if units:
-            self._greeted(self._pump(units, decoder)[0])
+            try:
+                self._greeted(self._pump(units, decoder)[0])
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         if self.sock is not None:
@@ -374,7 +378,11 @@ class AsyncClient(_Base):
         )  # fmt: skip
         units, decoder = self._greeting()
         if units:
-            self._greeted((await self._pump(units, decoder))[0])
+            try:
+                self._greeted((await self._pump(units, decoder))[0])
+            except BaseException:
+                await self.close()
+                raise
 
     async def close(self) -> None:
         w = self.writer

@@ -288,6 +288,9 @@ class Security:
         ]  # fmt: skip
         return "; ".join(parts)
 
+    def close(self) -> None:
+        self.audit.close()
+
     # -- connections -----------------------------------------------------------
     def intercept(self, session: Any, transport: Any) -> bool:
         """Called first in ``connection_made``; True = the TLS upgrade took over."""

@@ -672,6 +672,8 @@ class Server:
         if self._timer is not None:
             self._timer.cancel()
         self.executor.shutdown(wait=True)
+        if self.security is not None:
+            self.security.close()
 
 
 # --- serve ----------------------------------------------------------------

@@ -203,7 +203,7 @@ def test_port_in_use_fails_cleanly(tmp_path):
 
 @pytest.mark.parametrize("protocol, n", [("binary", 30_000), ("json", 5_000)])
 def test_bench_prints_one_json_line(protocol, n):
-    r = run_cli("bench", "--protocol", protocol, "--requests", str(n), "--accounts", "2000", "--batch", "1024")
+    r = run_cli("bench", "--protocol", protocol, "--requests", str(n), "--accounts", "2000", "--batch", "1024", "--json")
     assert r.returncode == 0, r.stderr
     (line,) = r.stdout.strip().splitlines()
     out = orjson.loads(line)

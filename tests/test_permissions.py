@@ -13,11 +13,9 @@ import numpy as np
 import orjson
 import pytest
 
-from authcore import constants as C
 from authcore.client import Client, ProtocolError
 from authcore.config import Config, ConfigError
 from authcore.constants import REQUEST_DTYPE, Op, Status
-from authcore.protocols import binary as wire
 from authcore.security import ADMIN_OPS, GATEWAY_OPS
 from authcore.server import ServerThread
 

@@ -1069,27 +1069,36 @@ cdef class Kernel:
     cdef object cards, card_slots
     cdef object act, settlement, risky
     cdef public object rules_dict
+    cdef object initial
     cdef public uint64_t remembered_max
     cdef public uint64_t holds_retained_max
 
     def __cinit__(self, dict rules, uint64_t remembered_max=C.idempotency_ids_max_default,
-                  uint64_t holds_retained_max=C.holds_retained_max_default):
+                  uint64_t holds_retained_max=C.holds_retained_max_default, dict initial=None):
         memset(&self.S, 0, sizeof(State))
         self.remembered_max = remembered_max
         self.holds_retained_max = holds_retained_max
         self.settlement = np.zeros(C.currency_max + 1, np.int64)
         self.risky = np.zeros(C.mcc_max + 1, np.uint8)
         self._set_rules(rules)
+        # Static allocation where the operator knows the scale (TigerBeetle's
+        # way): growth beyond these sizes works but stops the world to copy
+        # and rehash.  np.zeros is calloc: untouched pages cost nothing.
+        initial = initial or {}
+        self.initial = initial
         n = ROWS_INITIAL
-        self.accounts = np.zeros(n, ACCOUNT_DTYPE)
-        self.holds = np.zeros(n, HOLD_DTYPE)
-        self.remembered = np.zeros(n, REMEMBERED_DTYPE)
+        na = _pow2_at_least(initial.get("accounts", n))
+        nh = _pow2_at_least(initial.get("holds", n))
+        nr = _pow2_at_least(initial.get("ids", n))
+        self.accounts = np.zeros(na, ACCOUNT_DTYPE)
+        self.holds = np.zeros(nh, HOLD_DTYPE)
+        self.remembered = np.zeros(nr, REMEMBERED_DTYPE)
         self.merchants = np.zeros((n, self.S.merchant_width), np.int64)
         self.cards = np.zeros(n, CARD_DTYPE)
-        self.act = np.zeros((n, self.S.act_width), np.int64)
-        self.account_slots = np.zeros(2 * n, np.uint64)
-        self.hold_slots = np.zeros(2 * n, np.uint64)
-        self.remembered_slots = np.zeros(2 * n, np.uint64)
+        self.act = np.zeros((na, self.S.act_width), np.int64)
+        self.account_slots = np.zeros(2 * na, np.uint64)
+        self.hold_slots = np.zeros(2 * nh, np.uint64)
+        self.remembered_slots = np.zeros(2 * nr, np.uint64)
         self.merchant_slots = np.zeros(2 * n, np.uint64)
         self.card_slots = np.zeros(2 * n, np.uint64)
         self._bind()
@@ -1184,7 +1193,11 @@ cdef class Kernel:
     # -- growth (with the GIL, before a batch) ---------------------------------
 
     cdef object _rehash(self, Index* ix, object slots, uint64_t need):
-        """A slot array at most half full for ``need`` entries."""
+        """A slot array at most half full for ``need`` entries.
+
+        Stop-the-world: O(entries).  Reinsertion is random access, so keys
+        are read (and their new slots prefetched) a block ahead.
+        """
         cdef uint64_t size = len(slots)
         if need * C.index_load_max_den <= size * C.index_load_max_num:
             return slots
@@ -1196,23 +1209,45 @@ cdef class Kernel:
         nix.slots = <uint64_t*>cnp.PyArray_DATA(<cnp.ndarray>new)
         nix.mask = size - 1
         nix.count = 0
-        cdef uint64_t i, v
+        cdef uint64_t i, j, v, m
+        cdef uint64_t vals[64]
+        cdef uint64_t keys[64]
+        cdef uint64_t total = <uint64_t>old_view.shape[0]
         with nogil:
-            for i in range(<uint64_t>old_view.shape[0]):
-                v = old_view[i]
-                if v != 0:
-                    ix_insert(&nix, ix_key(ix, v), v)
+            i = 0
+            while i < total:
+                m = 0
+                while i < total and m < 64:
+                    v = old_view[i]
+                    i += 1
+                    if v != 0:
+                        vals[m] = v
+                        keys[m] = ix_key(ix, v)
+                        ac_prefetch(slot_of(&nix, keys[m]))
+                        m += 1
+                for j in range(m):
+                    ix_insert(&nix, keys[j], vals[j])
         assert nix.count == ix.count
         return new
 
     cdef object _grow_ring(self, object arr, uint64_t head, uint64_t tail, uint64_t need):
+        """A ring with room for ``need`` rows, live rows at the same seq slots.
+
+        The live range is at most two contiguous runs in the old ring and in
+        the new one, so the move is a few slice copies, not a gather.
+        """
         cdef uint64_t cap = len(arr)
         if need <= cap:
             return arr
         new_cap = _pow2_at_least(need)
         new = np.zeros(new_cap, arr.dtype)
-        seqs = np.arange(head, tail, dtype=np.uint64)
-        new[seqs & np.uint64(new_cap - 1)] = arr[seqs & np.uint64(cap - 1)]
+        seq = head
+        while seq < tail:
+            o = seq & (cap - 1)
+            w = seq & (new_cap - 1)
+            run = min(tail - seq, cap - o, new_cap - w)
+            new[w : w + run] = arr[o : o + run]
+            seq += run
         return new
 
     cdef object _grow_rows(self, object arr, uint64_t used, uint64_t need):
@@ -1382,20 +1417,21 @@ cdef class Kernel:
         assert S.hold_tail - S.hold_head == <uint64_t>len(holds)
         assert S.remembered_tail - S.remembered_head == <uint64_t>len(rem)
         assert S.act_high == <uint64_t>len(arrays["activity"])
-        self.accounts = np.zeros(_pow2_at_least(S.account_count), ACCOUNT_DTYPE)
+        sizes = self.initial
+        self.accounts = np.zeros(_pow2_at_least(max(S.account_count, sizes.get("accounts", 0))), ACCOUNT_DTYPE)
         self.accounts[: S.account_count] = acc
         self.merchants = np.zeros((_pow2_at_least(S.merchant_count), S.merchant_width), np.int64)
         self.merchants[: S.merchant_count] = arrays["merchants"]
         self.cards = np.zeros(_pow2_at_least(S.card_count), CARD_DTYPE)
         self.cards[: S.card_count] = arrays["cards"]
-        self.act = np.zeros((_pow2_at_least(S.act_high), S.act_width), np.int64)
+        self.act = np.zeros((_pow2_at_least(max(S.act_high, sizes.get("accounts", 0))), S.act_width), np.int64)
         self.act[: S.act_high] = arrays["activity"]
         self.settlement[:] = arrays["settlement"]
-        cap = _pow2_at_least(len(holds))
+        cap = _pow2_at_least(max(len(holds), sizes.get("holds", 0)))
         self.holds = np.zeros(cap, HOLD_DTYPE)
         seqs = np.arange(S.hold_head, S.hold_tail, dtype=np.uint64)
         self.holds[seqs & np.uint64(cap - 1)] = holds
-        cap = _pow2_at_least(len(rem))
+        cap = _pow2_at_least(max(len(rem), sizes.get("ids", 0)))
         self.remembered = np.zeros(cap, REMEMBERED_DTYPE)
         seqs = np.arange(S.remembered_head, S.remembered_tail, dtype=np.uint64)
         self.remembered[seqs & np.uint64(cap - 1)] = rem
@@ -1404,9 +1440,12 @@ cdef class Kernel:
     def _rebuild_indexes(self):
         cdef State* S = &self.S
         self._bind()
-        self.account_slots = np.zeros(_pow2_at_least(2 * S.account_count + 2), np.uint64)
-        self.hold_slots = np.zeros(_pow2_at_least(2 * (S.hold_tail - S.hold_head) + 2), np.uint64)
-        self.remembered_slots = np.zeros(_pow2_at_least(2 * (S.remembered_tail - S.remembered_head) + 2), np.uint64)
+        sizes = self.initial
+        self.account_slots = np.zeros(_pow2_at_least(2 * max(S.account_count + 1, sizes.get("accounts", 0))), np.uint64)
+        self.hold_slots = np.zeros(_pow2_at_least(2 * max(S.hold_tail - S.hold_head + 1, sizes.get("holds", 0))),
+                                   np.uint64)
+        self.remembered_slots = np.zeros(
+            _pow2_at_least(2 * max(S.remembered_tail - S.remembered_head + 1, sizes.get("ids", 0))), np.uint64)
         self.merchant_slots = np.zeros(_pow2_at_least(2 * S.merchant_count + 2), np.uint64)
         self.card_slots = np.zeros(_pow2_at_least(2 * S.card_count + 2), np.uint64)
         self._bind()

@@ -40,6 +40,10 @@ except ImportError:  # the log module is optional for a purely in-memory engine
 
 
 digest_version = b"authcore-state-v1"
+# What `authcore serve` allocates when the config leaves sizes automatic:
+# enough for a load test's first minute without a growth pause, and only
+# virtual memory until used (np.zeros is calloc).
+server_sizes_initial = {"accounts": 1 << 20, "holds": 1 << 22, "ids": 1 << 24}
 
 
 class Log(Protocol):
@@ -63,6 +67,7 @@ class Engine:
         *,
         clock: Callable[[], int] | None = None,
         pan_key: bytes | None = None,
+        presize: bool = False,
     ):
         self.config = config or Config.default()
         self._clock = clock or wall_clock_us
@@ -70,10 +75,21 @@ class Engine:
             self.config.decision_dict(),
             self.config.engine.idempotency_ids_max,
             self.config.engine.holds_retained_max,
+            self._initial_sizes(presize),
         )
         self._hasher = PanHasher(pan_key if pan_key is not None else os.urandom(32))
         self._log: Log | None = None
         self.last_stamp = 0
+
+    def _initial_sizes(self, presize: bool) -> dict[str, int]:
+        """Table sizes at start: configured, else the server's or the minimum."""
+        e = self.config.engine
+        auto = server_sizes_initial if presize else {}
+        return {
+            "accounts": e.accounts_initial or auto.get("accounts", C.table_rows_initial),
+            "holds": e.holds_initial or auto.get("holds", C.table_rows_initial),
+            "ids": e.ids_initial or auto.get("ids", C.table_rows_initial),
+        }
 
     # -- time ------------------------------------------------------------------
 

@@ -809,7 +809,7 @@ async def start(
     def open_and_recover():
         storage = Storage.open(data, config, truncate_corrupt=truncate_corrupt)
         try:
-            engine = Engine(config, pan_key=key)
+            engine = Engine(config, pan_key=key, presize=True)
             report = storage.recover(engine)
         except BaseException:
             storage.close()

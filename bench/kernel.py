@@ -95,7 +95,7 @@ def run(accounts: int, batch: int, seconds: float, seed: int = 7, fraud: bool = 
     cfg = Config.default()
     if not fraud:
         cfg = Config.from_dict({"fraud": {"enabled": False}})
-    eng = Engine(cfg)
+    eng = Engine(cfg, presize=True)  # as `authcore serve` does
     t0 = time.perf_counter()
     open_accounts(eng, accounts, batch)
     setup_s = time.perf_counter() - t0

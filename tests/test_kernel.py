@@ -212,3 +212,19 @@ def test_amount_spike_is_exact_beyond_64_bits():
     clock.t += 7200 * C.us_per_s
     r = eng.execute({"op": "purchase", "id": 200, "account": 1, "amount": 10**15, "currency": 978, "merchant": 4})
     assert r["status"] == "approved" and r["review"] is False
+
+
+def test_presized_tables_decide_and_digest_like_small_ones():
+    """Capacities are not state: a presized engine (what `serve` uses) and a
+    minimal one give the same answers and the same digest."""
+    small, big = small_engine(Clock()), Engine(Config.default(), clock=Clock(), pan_key=b"k" * 32, presize=True)
+    reqs = [{"op": "open", "id": i, "account": i, "currency": 156} for i in range(1, 300)]
+    reqs += [{"op": "deposit", "id": 1000 + i, "account": i, "amount": 10_000} for i in range(1, 300)]
+    reqs += [{"op": "authorize", "id": 5000 + i, "account": 1 + i % 299, "amount": 50 + i, "currency": 156,
+              "merchant": 7 + i % 5} for i in range(2000)]
+    assert small.execute_many(reqs) == big.execute_many(reqs)
+    assert small.digest() == big.digest()
+    arrays, meta = big.export_state()
+    restored = small_engine(Clock())
+    restored.load_state(arrays, meta)
+    assert restored.digest() == big.digest()

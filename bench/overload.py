@@ -10,7 +10,9 @@ rate, well inside its limit) and ``flood`` (a gateway limited to
 1. unloaded: only ``good`` (closed loop, paced at ``--good-rate``);
 2. flooded: ``good`` again while ``flood`` runs;
 3. (``--unlimited``) the same flood from a client with no limit, to show
-   what the limit buys.
+   what the limit buys;
+4. (``--idle N``) ``good`` again with N idle connections open (slowloris
+   style: connected, a few bytes of an unfinished line, then silence).
 
 Prints one JSON object: good's p50/p99/max per phase, the p99 ratio
 flooded/unloaded, the flood's sent/served/refused counts, and the server's
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood-limit", type=float, default=2000.0, help="flood client's rate limit, requests/s")
     p.add_argument("--flood-procs", type=int, default=2)
     p.add_argument("--unlimited", action="store_true", help="also run the flood from a client without a limit")
+    p.add_argument("--idle", type=int, default=0, help="also measure with this many idle connections open")
     p.add_argument("--serve", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.serve:
@@ -196,6 +199,21 @@ role = "gateway"
         if a.unlimited:
             result["unlimited_flooded"], result["unlimited_flood"] = flooded("wild")
             result["unlimited_p99_ratio"] = round(result["unlimited_flooded"]["p99_ms"] / result["unloaded"]["p99_ms"], 2)
+        if a.idle:
+            import socket
+
+            idle = []
+            for _ in range(a.idle):
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall(b'{"op":"auth","api_k')  # never finished
+                idle.append(s)
+            time.sleep(1.0)
+            result["idle_connections"] = a.idle
+            result["with_idle"] = _summary(_good(port, a.good_rate, a.seconds, 5 * 10**9))
+            result["idle_p99_ratio"] = round(result["with_idle"]["p99_ms"] / result["unloaded"]["p99_ms"], 2)
+            result["idle_rss_mib"] = round(_rss_kib(srv.pid) / 1024, 1)
+            for s in idle:
+                s.close()
         result["server_rss_mib"] = {"before": round(rss0 / 1024, 1), "after": round(_rss_kib(srv.pid) / 1024, 1)}
         print(orjson.dumps(result).decode(), flush=True)
         return 0

@@ -6,11 +6,13 @@ against the text; same single-request interface as ``Engine.execute`` and
 the same introspection shapes as ``Engine.accounts()/holds()/settlement()``,
 so tests can run one scenario on both and compare answers exactly.  It is an
 *independent* implementation: Python ints (no overflow, no 128-bit tricks),
-full lists of attempt stamps filtered per decision instead of rings, the
-daily spend summed from (stamp, amount) pairs instead of a running counter,
-``held`` recomputed from the open holds, raw PANs in a dict.
-Non-goals: speed, durability, the request parser (requests are assumed
-well formed: the JSON shape ``records.parse_request`` accepts).
+full sorted lists of attempt stamps counted per decision (bisect) instead
+of rings, ``held`` recomputed from each account's open holds, expiry from
+a creation-ordered queue, raw PANs in a dict.  Non-goals: speed beyond
+"a 40k-request test runs in a second", durability, the request parser
+(requests are assumed well formed: the JSON shape ``records.parse_request``
+accepts; out-of-int64 amounts and limits are simply invalid_amount, as the
+parser clamps them).
 
 Readings where SPEC.md and docs/semantics.md leave something open (each
 is what the model does; the kernel is checked against it):
@@ -48,6 +50,14 @@ is what the model does; the kernel is checked against it):
   if it exists in the same currency" read literally).
 * open's ``available`` is the new account's; on account_exists it is the
   existing account's.
+* A transfer whose request currency differs from the sender's is still an
+  attempt of the sender (§10.3 "a transfer from an existing sender,
+  whatever its answer" over §5's "naming an existing account in its
+  currency"); an authorize/purchase in a foreign currency is not.
+* Holds expire in creation order (one ttl for all); a purchase's hold is
+  born captured and never expires.
+* ``review`` is computed from the score at the fraud step; a decline
+  before it (limits, inactive) has no score, and declines carry no review.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from model import Model
 US = C.us_per_s
 DAY = C.us_per_day
 SLOW_SCALE = float(os.environ.get("AUTHCORE_SLOW_SCALE", "1"))
-examples_default = 120  # state machine runs in the default suite
+examples_default = 200  # state machine runs in the default suite (~10 s)
 steps_default = 50  # requests (and clock moves) per run
 examples_slow = 250  # per unit of AUTHCORE_SLOW_SCALE (~40 s at 1)
 steps_slow = 100
@@ -71,6 +71,8 @@ TINY = {
 }
 CONFIGS = {
     "default_short_ttl": Config.from_dict({"hold_ttl_seconds": 60}),
+    # Any rule firing alone shows as `review`, so a rule off by one is visible.
+    "tiny_review_any": Config.from_dict({**TINY, "fraud": {**TINY["fraud"], "review_score": 1, "decline_score": 10**6}}),
     "tiny": Config.from_dict(TINY),
     "tiny_low_thresholds": Config.from_dict({**TINY, "fraud": {**TINY["fraud"], "review_score": 30, "decline_score": 60}}),
     "fraud_off": Config.from_dict({"hold_ttl_seconds": 15, "fraud": {"enabled": False}}),
@@ -108,7 +110,7 @@ PANS = [
     "41111111111111111110",  # 20 digits
     "4111x11111111111",
 ]
-EDGE_AMOUNTS = [0, -1, 1, 200, 201, 1000, 5000, 50_000, 100_000, C.amount_max, C.amount_max + 1, 2**63 - 1, -(2**63)]
+EDGE_AMOUNTS = [0, -1, 1, 200, 201, 1000, 5000, 50_000, 100_000, C.amount_max, C.amount_max + 1, 2**63 - 1, -(2**63), 10**30]
 TIME_STEPS = [0, 0, 1, 2, 10, 999_999, US, 3 * US, 5 * US, 10 * US, 20 * US, 60 * US, 600 * US, 3600 * US, DAY]
 
 amounts = st.one_of(
@@ -118,7 +120,17 @@ amounts = st.one_of(
     st.sampled_from(EDGE_AMOUNTS),
 )
 deposit_amounts = st.one_of(st.integers(1, 10**7), st.sampled_from(EDGE_AMOUNTS))
-limits = st.one_of(st.integers(0, 20_000), st.sampled_from([0, 0, -1, 1000, C.limit_max, C.limit_max + 1]))
+limits = st.one_of(st.integers(0, 20_000), st.sampled_from([0, 0, -1, 1000, C.limit_max, C.limit_max + 1, -(10**30)]))
+
+
+def edge_rule(kind: str):
+    """One state-machine rule per boundary kind, so each gets its share of steps."""
+
+    def edge(self, data, delta):
+        self.edge_probe(data, kind, delta)
+
+    edge.__name__ = f"edge_{kind}"
+    return rule(data=st.data(), delta=st.sampled_from([-1, 0]))(edge)
 
 
 class EngineVsModel(RuleBasedStateMachine):
@@ -230,6 +242,142 @@ class EngineVsModel(RuleBasedStateMachine):
         target = s + w + delta
         if target > self.clock.now:
             self.clock.set(target)
+
+    def edge_probe(self, data, kind: str, delta: int) -> None:
+        """A request placed exactly on (delta 0) or just inside (-1) a boundary.
+
+        Reads the model's state to aim: a window's oldest counted attempt,
+        a hold's expiry, an account's age, the daily/single limit left, the
+        available balance, amount_spike's 10x-mean line.  Random steps alone
+        almost never land on these edges.
+        """
+        m = self.model
+        cfg, f = m.cfg, m.cfg.fraud
+        fits = {
+            "travel": lambda a: a.last_travel is not None,
+            "expiry": lambda a: bool(a.open_holds),
+            "velocity": lambda a: len(a.attempt_stamps) >= f.velocity.attempts,
+            "card_testing": lambda a: len(a.small_attempt_stamps) >= f.card_testing.attempts,
+            "daily": lambda a: a.daily_limit > 0,
+            "single": lambda a: a.single_limit > 0,
+            "spike": lambda a: a.approved_count > 0,
+            "hold_amounts": lambda a: bool(a.open_holds) or any(
+                m.hold_map[h].state == "captured" for h in self.auth_ids[-30:] if h in m.hold_map and m.hold_map[h].account == a.id),
+        }.get(kind, lambda a: a.kind == "wallet")
+        candidates = sorted(i for i, a in m.accts.items() if fits(a))
+        wallets = sorted(i for i, a in m.accts.items() if a.kind == "wallet" and a.status == "active")
+        merchant = data.draw(st.sampled_from(MERCHANTS), label="merchant")
+        if kind == "new_account" and data.draw(st.booleans(), label="fresh_account"):
+            acct = 1000 + self.next_id  # a new wallet, so its age is still under the limit
+            self.send({"op": "open", "id": self.fresh_id(), "account": acct, "currency": 840, "kind": "wallet"})
+            self.send({"op": "deposit", "id": self.fresh_id(), "account": acct, "amount": 10**7})
+            candidates = [acct]
+        elif not candidates and wallets and kind in ("travel", "card_testing", "expiry", "hold_amounts"):
+            # Make the state the edge needs: an approved qr spend, small attempts, a hold.
+            acct = data.draw(st.sampled_from(wallets), label="seed_account")
+            n = f.card_testing.attempts if kind == "card_testing" else 1
+            for _ in range(n):
+                self.send({"op": "authorize", "id": self.fresh_id(), "account": acct, "amount": 1 + n,
+                           "currency": m.accts[acct].currency, "merchant": merchant, "channel": "qr",
+                           "country": 840})
+            candidates = sorted(i for i, a in m.accts.items() if fits(a))
+        if not candidates:
+            return
+        a = m.accts[data.draw(st.sampled_from(candidates), label="account")]
+        if kind == "merchant_burst":
+            ready = sorted(k for k, v in m.merchant_attempts.items()
+                           if sum(1 for _, ok in v[-f.merchant_burst.last_attempts :] if not ok) >= f.merchant_burst.declines)
+            if ready:
+                merchant = data.draw(st.sampled_from(ready), label="burst_merchant")
+        at = None  # the stamp to aim at, if time matters
+        req = {"op": "authorize", "id": self.fresh_id(), "account": a.id, "amount": 1000, "currency": a.currency,
+               "merchant": merchant, "channel": "online", "country": 840, "mcc": 5411,
+               "allow_partial": data.draw(st.booleans(), label="allow_partial")}
+        if kind == "travel":
+            country, s = a.last_travel
+            at = s + f.impossible_travel.window_seconds * US + delta
+            req.update(channel=data.draw(st.sampled_from(["qr", "card_present"]), label="channel"),
+                       country=next(c for c in COUNTRIES if c != country))
+        elif kind == "new_account":
+            at = a.opened_at + f.new_account.age_seconds * US + delta
+            req["amount"] = f.new_account.min_amount
+        elif kind == "expiry":
+            h = a.open_holds[data.draw(st.sampled_from(sorted(a.open_holds)), label="hold")]
+            at = h.created + cfg.hold_ttl_seconds * US + delta
+            op = data.draw(st.sampled_from(["capture", "void", "increment"]), label="op")
+            req = {"op": op, "id": req["id"], "auth": h.id, "amount": 1 if op == "increment" else 0}
+        elif kind == "velocity":
+            at = a.attempt_stamps[-f.velocity.attempts] + f.velocity.window_seconds * US + delta
+        elif kind == "card_testing":
+            at = a.small_attempt_stamps[-f.card_testing.attempts] + f.card_testing.window_seconds * US + delta
+        elif kind == "merchant_burst":
+            last = m.merchant_attempts.get(merchant, [])[-f.merchant_burst.last_attempts :]
+            declined = [s for s, ok in last if not ok]
+            if len(declined) >= f.merchant_burst.declines:
+                at = declined[-f.merchant_burst.declines] + f.merchant_burst.window_seconds * US + delta
+        elif kind == "daily":
+            stamp = max(self.clock.now, m.last_stamp + 1)
+            req["amount"] = max(1, a.daily_limit - m._spent_today(a, stamp) + delta + 1)
+        elif kind == "single":
+            req["amount"] = a.single_limit + delta + 1
+        elif kind == "funds":
+            avail = m.available(a.id)
+            if avail > 0 and data.draw(st.booleans(), label="drain_first"):
+                self.send(dict(req, amount=avail, allow_partial=False))  # leaves available at exactly 0
+                req = dict(req, id=self.fresh_id())
+            req["amount"] = max(1, m.available(a.id) + delta + 1)
+        elif kind == "spike":
+            line = f.amount_spike.factor * a.approved_total // a.approved_count
+            req["amount"] = max(f.amount_spike.min_amount + delta + 1, line + delta + 1)
+        elif kind == "hold_amounts":
+            holds = [h for h in m.hold_map.values() if h.account == a.id and h.state in ("open", "captured")]
+            if holds:
+                h = holds[data.draw(st.integers(0, len(holds) - 1), label="hold")]
+                if h.state == "captured":  # refund up to (and one past) what is left
+                    req = {"op": "refund", "auth": h.id, "amount": h.captured - h.refunded + delta + 1}
+                else:
+                    op = data.draw(st.sampled_from(["capture", "void", "increment"]), label="op")
+                    room = h.remaining if op != "increment" or a.single_limit == 0 else a.single_limit - h.remaining
+                    req = {"op": op, "auth": h.id, "amount": max(1, room + delta + 1)}
+                req["id"] = self.fresh_id()
+        elif kind == "inactive":
+            # Freeze or close an account, then name it as payer, payee or hold owner.
+            status_op = data.draw(st.sampled_from(["freeze", "freeze", "close"]), label="status_op")
+            self.send({"op": status_op, "id": self.fresh_id(), "account": a.id})
+            other = data.draw(st.sampled_from(ACCOUNTS), label="other")
+            holds = sorted(h.id for h in m.hold_map.values() if h.account == a.id)
+            choice = data.draw(st.sampled_from(["to", "from", "deposit", "hold"]), label="role")
+            if choice == "to":
+                req = {"op": "transfer", "id": req["id"], "account": other, "to": a.id, "amount": 10}
+            elif choice == "deposit":
+                req = {"op": "deposit", "id": req["id"], "account": a.id, "amount": 10}
+            elif choice == "hold" and holds:
+                op = data.draw(st.sampled_from(["capture", "void", "increment", "refund"]), label="op")
+                req = {"op": op, "id": req["id"], "auth": data.draw(st.sampled_from(holds), label="hold"),
+                       "amount": 0 if op in ("capture", "void") else 1}
+        if at is not None and at > max(self.clock.now, m.last_stamp):
+            self.clock.set(at)
+        if req["op"] == "authorize" and kind != "travel" and data.draw(st.integers(0, 3), label="as") == 0:
+            req = {"op": "transfer", "id": req["id"], "account": a.id,
+                   "to": data.draw(st.sampled_from(ACCOUNTS), label="to"), "amount": req["amount"]}
+        elif req["op"] == "authorize" and data.draw(st.integers(0, 3), label="as") == 0:
+            req["op"] = "purchase"
+        self.send(req)
+        if req["op"] in ("authorize", "purchase"):
+            self.auth_ids.append(req["id"])
+
+    edge_travel = edge_rule("travel")
+    edge_new_account = edge_rule("new_account")
+    edge_expiry = edge_rule("expiry")
+    edge_velocity = edge_rule("velocity")
+    edge_card_testing = edge_rule("card_testing")
+    edge_merchant_burst = edge_rule("merchant_burst")
+    edge_daily = edge_rule("daily")
+    edge_single = edge_rule("single")
+    edge_funds = edge_rule("funds")
+    edge_spike = edge_rule("spike")
+    edge_hold_amounts = edge_rule("hold_amounts")
+    edge_inactive = edge_rule("inactive")
 
     # --- operations -----------------------------------------------------------------
 

@@ -238,6 +238,10 @@ cdef inline void add_spent(Account* a, int64_t now, int64_t amount) noexcept nog
         a.spent_today = BOUND
 
 
+cdef inline bint names_hold(uint8_t op) noexcept nogil:
+    return op == OP_CAPTURE or op == OP_VOID or op == OP_INCREMENT or op == OP_REFUND
+
+
 cdef inline Account* account_of(State* S, uint64_t id, uint32_t* row) noexcept nogil:
     cdef uint64_t v = ix_find(&S.account_index, id)
     if v == 0:
@@ -833,6 +837,24 @@ cdef inline void remember(State* S, Answer* ans) noexcept nogil:
     ix_insert(&S.remembered_index, ans.id, seq + 1)
 
 
+cdef void named_available(State* S, Request* r, Answer* ans) noexcept nogil:
+    """SPEC §10.12: an answer naming an existing account carries its
+    available, even when the request failed before the account check."""
+    cdef uint32_t row
+    cdef Account* a = NULL
+    cdef Hold* h
+    if r.account == 0 or (r.flags & FLAG_NO_CARD):
+        return
+    if names_hold(r.op):
+        h = hold_of(S, r.account)
+        if h != NULL:
+            a = &S.accounts[h.account]
+    else:
+        a = account_of(S, r.account, &row)
+    if a != NULL:
+        set_available(ans, a)
+
+
 cdef void decide_one(State* S, Request* r, Answer* ans, int64_t now) noexcept nogil:
     cdef uint64_t v
     cdef Remembered* m
@@ -886,6 +908,8 @@ cdef void decide_one(State* S, Request* r, Answer* ans, int64_t now) noexcept no
         ans.status = ST_BAD_REQUEST
         return
     ans.status = st
+    if (st == ST_INVALID_REQUEST or st == ST_INVALID_AMOUNT) and not ans.has_available:
+        named_available(S, r, ans)
     if st != ST_APPROVED and st != ST_PARTIAL:
         ans.approved_amount = 0
         ans.review = 0
@@ -908,10 +932,6 @@ cdef int PREFETCH_RINGS = 4    # requests ahead: fraud rings of those rows
 
 cdef inline uint64_t* slot_of(Index* ix, uint64_t key) noexcept nogil:
     return &ix.slots[mix64(key) & ix.mask]
-
-
-cdef inline bint names_hold(uint8_t op) noexcept nogil:
-    return op == OP_CAPTURE or op == OP_VOID or op == OP_INCREMENT or op == OP_REFUND
 
 
 cdef inline void prefetch_slots(State* S, Request* r) noexcept nogil:

@@ -155,8 +155,10 @@ def _fields(op: Op, obj: dict, hasher: Any) -> tuple:
         amount = _amount(obj, "credit_limit", 0)
         single = _amount(obj, "single_limit", 0)
         daily = _amount(obj, "daily_limit", 0)
+        currency = _int(obj, "currency", 0, u16_max, 0)
     elif op == Op.issue_card:
         account = _id(obj, "account")
+        currency = _int(obj, "currency", 0, u16_max, 0)
         pan = obj.get("pan")
         if not isinstance(pan, str):
             raise RequestError("missing field `pan`" if pan is None else "field `pan` must be a string of digits")

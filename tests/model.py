@@ -19,9 +19,9 @@ is what the model does; the kernel is checked against it):
 
 * Answer shape (JSON dict, as ``Engine.execute`` returns it): ``id``,
   ``op``, ``status``, ``code`` always; ``stamp`` on every non-query answer;
-  ``available`` when the named account (directly, or through a hold) was
-  found -- an answer decided before the account lookup (invalid_request,
-  invalid_amount) carries none, as the account is not yet "named";
+  ``available`` whenever the request names an existing account (directly,
+  or through a hold), even when it was refused before the account check
+  (invalid_request, invalid_amount);
   ``approved_amount`` on authorize/purchase/transfer and on the hold ops
   increment/capture/void/refund (0 on declines; a capture or void of 0
   approves, and reports, the whole remaining hold); ``auth_code`` on
@@ -199,9 +199,23 @@ class Model:
             return copy.deepcopy(self.answers[rid])
         handler = getattr(self, "_" + op)
         ans = handler(req, stamp)
+        if ans["status"] in ("invalid_request", "invalid_amount") and "available" not in ans:
+            named = self._named_account(req)
+            if named is not None:
+                ans["available"] = self.available(named)
         if rid != 0:
             self.answers[rid] = copy.deepcopy(ans)
         return ans
+
+    def _named_account(self, req: dict) -> int | None:
+        """The existing account a request names, directly or through a hold
+        (SPEC §10.12: such answers carry its available, even a request that
+        failed before the account was checked)."""
+        if req["op"] in HOLD_OPS:
+            h = self.hold_map.get(int(req.get("auth", 0)))
+            return None if h is None else h.account
+        acct = int(req.get("account", 0))
+        return acct if acct != 0 and acct in self.accts else None
 
     def _expire(self, stamp: int) -> None:
         ttl = self.cfg.hold_ttl_seconds * US

@@ -228,3 +228,29 @@ def test_presized_tables_decide_and_digest_like_small_ones():
     restored = small_engine(Clock())
     restored.load_state(arrays, meta)
     assert restored.digest() == big.digest()
+
+
+def test_refusals_before_the_account_check_still_carry_its_available():
+    """SPEC §10.12: an answer naming an existing account carries available."""
+    eng = small_engine()
+    open_funded(eng, 1, amount=500)
+    eng.execute({"op": "authorize", "id": 9, "account": 1, "amount": 100, "currency": 978, "merchant": 2})
+    for req in (
+        {"op": "authorize", "id": 10, "account": 1, "amount": 0, "currency": 978, "merchant": 2},
+        {"op": "authorize", "id": 11, "account": 1, "amount": 5, "currency": 978, "merchant": 0},
+        {"op": "transfer", "id": 12, "account": 1, "to": 1, "amount": 5},
+        {"op": "capture", "id": 13, "auth": 9, "amount": -1},
+        {"op": "deposit", "id": 14, "account": 1, "amount": 10**15 + 1},
+    ):
+        ans = eng.execute(req)
+        assert ans["status"] in ("invalid_request", "invalid_amount"), ans
+        assert ans["available"] == 400, ans
+    assert "available" not in eng.execute({"op": "deposit", "id": 15, "account": 2, "amount": 0})
+
+
+def test_set_limits_in_a_foreign_currency_is_a_mismatch():
+    eng = small_engine()
+    open_funded(eng, 1)
+    ans = eng.execute({"op": "set_limits", "id": 5, "account": 1, "credit_limit": 7, "currency": 156})
+    assert ans["status"] == "currency_mismatch"
+    assert eng.accounts()[1]["credit_limit"] == 0

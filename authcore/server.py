@@ -736,16 +736,16 @@ async def start_engine(
     from .security import Security, metrics_tls_context
 
     server = Server(engine, config, hasher=engine.hasher, metrics=metrics, storage=storage)
-    server.security = Security.from_config(config, metrics)
-    if server.security is None:
-        log.info("security: open local mode: no TLS, no client identities, no rate limits; every client may call every operation")
-    else:
-        log.info("security: %s", server.security.describe())
     if storage is not None:
         server.timed_log = _TimedLog(storage)
         engine.attach_log(server.timed_log)
     bound: dict[str, int | None] = {}
     try:
+        server.security = Security.from_config(config, metrics)  # reads certificates and key files: may raise
+        if server.security is None:
+            log.info("security: open local mode: no TLS, no client identities, no rate limits; every client may call every operation")
+        else:
+            log.info("security: %s", server.security.describe())
         if metrics_server is None:
             metrics_server = await start_metrics_server(
                 metrics, server.ready, host, want["metrics"], ssl=metrics_tls_context(config)
@@ -762,6 +762,8 @@ async def start_engine(
             listener.close()
         if metrics_server is not None:
             metrics_server.close()
+        if server.security is not None:
+            server.security.close()
         server.executor.shutdown()
         raise
     server.start_timer()

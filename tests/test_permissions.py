@@ -324,3 +324,37 @@ def test_certificate_subjects_map_to_clients_iso_and_json(tmp_path_factory, tmp_
     if port is not None:
         assert ("gw1", "authorize", "iso8583") in forb
         assert PAN not in (tmp_path / "audit.jsonl").read_text()
+
+
+# --- units ------------------------------------------------------------------------------------
+
+
+def test_token_bucket():
+    from authcore.security import TokenBucket
+
+    b = TokenBucket(rate=10.0, burst=5, now=0.0)
+    assert b.take(8, 0.0) == 5  # the burst
+    assert b.take(1, 0.05) == 0  # half a token
+    assert b.take(3, 0.25) == 2  # 2.5 tokens
+    assert b.take(100, 100.0) == 5  # never more than the burst saved up
+    assert abs(b.refill_seconds() - 0.5) < 1e-9
+
+
+def test_audit_caps_bursts_and_reports_suppressed(tmp_path, monkeypatch):
+    from authcore import security
+
+    now = [1000.25]
+    monkeypatch.setattr(security.time, "time", lambda: now[0])
+    a = security.Audit(str(tmp_path / "a.jsonl"))
+    for i in range(100):
+        a.event("forbidden", client="gw", op="deposit", count=1, first_id=i)
+    a.event("forbidden", client="other", op="deposit", count=1, first_id=0)  # its own budget
+    now[0] = 1001.5
+    a.event("forbidden", client="gw", op="deposit", count=1, first_id=7)
+    a.close()
+    lines = [orjson.loads(x) for x in (tmp_path / "a.jsonl").read_bytes().splitlines()]
+    gw = [x for x in lines if x["client"] == "gw"]
+    assert len(gw) == security.audit_events_per_second_max + 1
+    assert gw[-1]["suppressed_before"] == 100 - security.audit_events_per_second_max
+    assert any(x["client"] == "other" for x in lines)
+    assert lines[0]["ts"] == "1970-01-01T00:16:40.250000Z"

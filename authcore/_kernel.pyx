@@ -306,6 +306,11 @@ cdef inline Hold* new_hold(State* S, uint64_t id, uint32_t row, uint64_t merchan
     h.account = row
     h.credited = -1
     h.expires = now + S.rules.hold_ttl
+    if seq > S.hold_head and h.expires < S.holds[(seq - 1) & S.hold_rowmask].expires:
+        # The TTL was lowered (a CONFIG record): expiry times must stay
+        # sorted for the single expiry cursor, so this hold expires with
+        # the newest one before it, at most the old TTL late.
+        h.expires = S.holds[(seq - 1) & S.hold_rowmask].expires
     S.hold_tail = seq + 1
     ix_insert(&S.hold_index, id, seq + 1)
     return h

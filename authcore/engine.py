@@ -10,6 +10,7 @@ it durable.  Non-goals: networking (authcore.server) and file formats
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -123,9 +124,12 @@ class Engine:
         if n == 0:
             return np.zeros(0, ANSWER_DTYPE)
         if n > C.batch_count_max:
-            return np.concatenate([self.submit(requests[i : i + C.batch_count_max])
-                                   for i in range(0, n, C.batch_count_max)])
+            raise ValueError(f"requests: {n} in one batch; at most {C.batch_count_max} (one log record each)")
         requests = np.ascontiguousarray(requests)
+        # Grow the tables *before* the batch is logged: growth is the only
+        # step of deciding that can fail (MemoryError), and a batch that is in
+        # the log must be decided, or live state and replay would differ.
+        self._kernel.reserve(n)
         stamp0 = self._stamp(n)
         if self._log is not None:
             self._log.log_batch(stamp0, requests)
@@ -168,6 +172,26 @@ class Engine:
         self.config = Config.from_decision_dict(self.config, decision)
         self._kernel.set_rules(self.config.decision_dict())
 
+    def memory_bounds(self) -> dict[str, int]:
+        """How much the engine remembers: it decides answers too (a forgotten
+        id is decided afresh), so replay must use the logged bounds."""
+        return {"idempotency_ids_max": int(self._kernel.remembered_max),
+                "holds_retained_max": int(self._kernel.holds_retained_max)}
+
+    def logged_config(self) -> dict[str, Any]:
+        """Everything replay needs to decide alike (a CONFIG record's body)."""
+        return {"decision": self.config.decision_dict(), "engine": self.memory_bounds()}
+
+    def apply_logged_config(self, doc: dict[str, Any]) -> None:
+        """Put a CONFIG record's settings in force."""
+        if doc["decision"] != self.config.decision_dict():
+            self.set_decision_config(doc["decision"])
+        bounds = doc.get("engine") or {}
+        if bounds:
+            self.config = self.config.replace(engine=dataclasses.replace(self.config.engine, **bounds))
+            self._kernel.remembered_max = bounds["idempotency_ids_max"]
+            self._kernel.holds_retained_max = bounds["holds_retained_max"]
+
     # -- state -----------------------------------------------------------------
 
     def export_state(self, copy: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -175,13 +199,13 @@ class Engine:
         (ring tables are still gathered in order) for a forked snapshot
         child, whose copy-on-write pages already freeze the state."""
         arrays, counters = self._kernel.export_state() if copy else self._kernel.state_views()
-        meta = {"counters": counters, "last_stamp": self.last_stamp,
-                "decision": self.config.decision_dict(), "digest_version": digest_version.decode()}
+        meta = {"counters": counters, "last_stamp": self.last_stamp, "decision": self.config.decision_dict(),
+                "memory": self.memory_bounds(), "digest_version": digest_version.decode()}
         return arrays, meta
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        if meta.get("decision") and meta["decision"] != self.config.decision_dict():
-            self.set_decision_config(meta["decision"])
+        if meta.get("decision"):
+            self.apply_logged_config({"decision": meta["decision"], "engine": meta.get("memory")})
         self._kernel.import_state(arrays, meta["counters"])
         self.last_stamp = int(meta["last_stamp"])
 

@@ -94,7 +94,8 @@ def request_tuple(obj: Any, hasher: Any) -> tuple:
     rid = obj.get("id")
     rid = rid if type(rid) is int and 0 <= rid <= u64_max else None
     if op is None:
-        raise RequestError(f"unknown op `{name[:32]}`", rid)
+        shown = name[:32] if name.isascii() and not any(c.isdigit() for c in name) else "…"
+        raise RequestError(f"unknown op `{shown}`", rid)  # never echo digits: they may be a PAN
     try:
         return _fields(op, obj, hasher)
     except RequestError as e:

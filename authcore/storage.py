@@ -245,10 +245,10 @@ class Storage:
                 # the chain continues from the checksum the snapshot kept.
                 self.wal.last_crc = snapshot_crc
             self.wal.last_stamp = max(self.wal.last_stamp, engine.last_stamp)
-            want = self.config.decision_dict()
+            want = parse_config_body(config_body(self.config))
             if logged != want or self.scan.last_seq == 0:
                 if logged != want:
-                    engine.set_decision_config(want)
+                    engine.apply_logged_config(want)
                 self.wal.append_config(config_body(self.config))
         report.seconds = time.perf_counter() - t0
         self.report = report
@@ -428,7 +428,7 @@ def _recover_into(
     at the end of the log, the snapshot's last-record checksum)."""
     report = RecoveryReport()
     start_seq, prev_crc = 1, None
-    decision: dict[str, Any] | None = None
+    logged: dict[str, Any] | None = None
     chosen = _choose_snapshot(snap_dir, scan, report.skipped_snapshots) if snap_dir else None
     if chosen is not None:
         t = time.perf_counter()
@@ -437,11 +437,12 @@ def _recover_into(
         report.snapshot, report.snapshot_seq = path, seq
         report.snapshot_seconds = time.perf_counter() - t
         start_seq, prev_crc = seq + 1, meta["storage"]["wal_crc"]
-        decision = meta["engine"].get("decision")
+        if meta["engine"].get("decision") is not None:
+            logged = engine.logged_config()
     elif scan.first_seq > 1:
         first = scan.segments[0][1] if scan.segments else wal_dir
         raise CorruptLog(first, 0, f"the log starts at sequence {scan.first_seq} and no valid snapshot covers the records before it")
-    apply = on_config or (lambda doc: engine.set_decision_config(doc["decision"]))
+    apply = on_config or engine.apply_logged_config
     for rec in W.read_records(wal_dir, start_seq=start_seq, stop_seq=scan.last_seq, prev_crc=prev_crc):
         if rec.kind == W.KIND_BATCH:
             reqs = rec.requests()
@@ -452,14 +453,14 @@ def _recover_into(
         else:
             doc = parse_config_body(rec.config_json())
             apply(doc)
-            decision = doc["decision"]
+            logged = {"decision": doc["decision"], "engine": doc.get("engine") or engine.memory_bounds()}
             report.configs_applied += 1
         report.records_replayed += 1
     report.last_seq = scan.last_seq
     report.last_stamp = int(engine.last_stamp)
-    if decision is None:
-        decision = engine.config.decision_dict()
-    return report, decision, prev_crc
+    if logged is None:
+        logged = engine.logged_config()
+    return report, logged, prev_crc
 
 
 def _first_config(scan: W.LogScan) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from authcore import constants as C  # noqa: E402
 from authcore.config import Config  # noqa: E402
 from authcore.constants import REQUEST_DTYPE, Channel, Op, Status  # noqa: E402
 from authcore.engine import Engine  # noqa: E402
@@ -39,8 +40,9 @@ assert abs(sum(MIX.values()) - 1.0) < 1e-9
 
 def open_accounts(eng: Engine, n: int, batch: int) -> None:
     """Open n wallets (ids 1..n) and fund them generously."""
-    for start in range(0, n, 65_536):
-        ids = np.arange(start + 1, min(n, start + 65_536) + 1, dtype=np.uint64)
+    step = C.batch_count_max // 2  # open + deposit per account in one batch
+    for start in range(0, n, step):
+        ids = np.arange(start + 1, min(n, start + step) + 1, dtype=np.uint64)
         reqs = np.zeros(len(ids) * 2, REQUEST_DTYPE)
         reqs["op"][: len(ids)] = Op.open
         reqs["id"][: len(ids)] = (1 << 62) + ids

@@ -174,15 +174,17 @@ def test_unknown_op_in_a_batch_is_bad_request_and_not_remembered():
     assert ans["status"].tolist() == [C.Status.bad_request, C.Status.approved]
 
 
-def test_submit_splits_batches_larger_than_the_maximum():
+def test_batches_larger_than_the_maximum_are_refused_whole():
+    """One batch is one log record: a larger one is refused, not split (a
+    split batch could be half applied when a later part is unavailable)."""
     eng = small_engine()
-    n = C.batch_count_max + 10
-    reqs = np.zeros(n, C.REQUEST_DTYPE)
+    reqs = np.zeros(C.batch_count_max + 1, C.REQUEST_DTYPE)
     reqs["op"] = C.Op.query
     reqs["account"] = 1
-    ans = eng.submit(reqs)
-    assert len(ans) == n
-    assert (ans["status"] == C.Status.no_account).all()
+    with pytest.raises(ValueError, match="at most"):
+        eng.submit(reqs)
+    assert eng.last_stamp == 0
+    assert len(eng.submit(reqs[: C.batch_count_max])) == C.batch_count_max
 
 
 def test_stamps_strictly_increase_even_when_the_clock_goes_back():

@@ -48,6 +48,7 @@ NO_RECORD = 0xFFFFFFFF  # record index of an error that concerns no record
 error_message_bytes_max = 512
 assert header_size == 16
 assert HELLO.size == 16 and HELLO_OK.size == 36
+hello_bytes_max = HELLO.size + 256  # the hello plus an API key (security.api_key_bytes_max)
 
 # Flags a client may set in a request record; FLAG_NO_CARD is ISO-internal.
 client_flags = FLAG_ALLOW_PARTIAL | FLAG_SET_ALL
@@ -213,6 +214,10 @@ class BinarySession(Session):
             if not self.greeted:
                 if ftype != FrameType.hello:
                     self._fail(ErrorCode.handshake_required, "the first frame must be hello", tag)
+                    return
+                if length > hello_bytes_max:  # never buffer an unbounded hello
+                    self._fail(ErrorCode.handshake_required,
+                               f"hello of {length} bytes, at most {hello_bytes_max}", tag)
                     return
                 if n - pos < header_size + length:
                     break

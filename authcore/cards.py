@@ -72,14 +72,22 @@ class PanHasher:
         return "PanHasher(<key>)"
 
 
-def load_or_create_key(path: str | os.PathLike) -> bytes:
-    """Read the HMAC key file, creating a random one (0600) if it is missing."""
+def load_or_create_key(path: str | os.PathLike, may_create: bool = True) -> bytes:
+    """Read the HMAC key file, creating a random one (0600) if it is missing.
+
+    ``may_create=False`` refuses instead: a data directory whose log already
+    holds card hashes is useless under a new key (every card would become
+    unknown), so a lost or mistyped key file must stop the start.
+    """
     p = Path(path)
     if p.exists():
         key = p.read_bytes()
         if len(key) < 16:
             raise ValueError(f"PAN key file {p} holds {len(key)} bytes; need at least 16")
         return key
+    if not may_create:
+        raise ValueError(f"PAN key file {p} is missing; the data directory already has a log "
+                         "(restore the key file, or name it with engine.pan_key_file)")
     p.parent.mkdir(parents=True, exist_ok=True)
     key = os.urandom(pan_key_size)
     tmp = p.with_suffix(".tmp")

@@ -800,7 +800,9 @@ async def start(
     want.update(ports or {})
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    key = load_or_create_key(config.engine.pan_key_file or str(data / pan_key_name))
+    # A key is generated only for the default path of a data dir with no log.
+    fresh = not config.engine.pan_key_file and not any((data / "wal").glob("*"))
+    key = load_or_create_key(config.engine.pan_key_file or str(data / pan_key_name), may_create=fresh)
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     readiness = _Readiness()

@@ -122,3 +122,9 @@ def test_decision_dict_round_trip():
     c = Config.from_dict({"hold_ttl_seconds": 99, "fraud": {"decline_score": 70}})
     back = Config.from_decision_dict(Config.default(), c.decision_dict())
     assert back.decision_dict() == c.decision_dict()
+
+
+def test_missing_key_is_refused_when_creation_is_not_allowed(tmp_path):
+    with pytest.raises(ValueError, match="missing"):
+        load_or_create_key(tmp_path / "pan.key", may_create=False)
+    assert not (tmp_path / "pan.key").exists()

@@ -583,6 +583,13 @@ def test_client_that_never_reads_is_cut_after_the_read_timeout():
         sock = socket.create_connection(("127.0.0.1", s.ports["json"]))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
         sock.settimeout(0.5)
+        # The cut is seen as "no sessions left": first wait until the server
+        # has registered this one, or an early check passes vacuously.
+        for _ in range(250):
+            if s.call(lambda: len(s.server.sessions)) == 1:
+                break
+            time.sleep(0.02)
+        assert s.call(lambda: len(s.server.sessions)) == 1
         chunk = (orjson.dumps({"op": "query", "account": 7}) + b"\n") * 2000
         cut = False
         deadline = time.monotonic() + 8.0

@@ -29,7 +29,7 @@ cflags = ["-O3", "-fno-strict-aliasing", "-Wno-address-of-packed-member"]  # str
 ldflags = []
 if DEBUG:
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
-    cflags = ["-O1", "-g"]
+    cflags = ["-O1", "-g", "-Wno-address-of-packed-member"]
 if SANITIZE:
     cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     ldflags += ["-fsanitize=address,undefined"]

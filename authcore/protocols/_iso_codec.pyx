@@ -46,36 +46,8 @@ from authcore.constants import (
 
 # --- record layouts (pinned against the dtypes at import) -------------------
 
-cdef packed struct Request:
-    uint64_t id
-    uint64_t account
-    uint64_t to
-    int64_t amount
-    int64_t single_limit
-    int64_t daily_limit
-    uint16_t currency
-    uint16_t mcc
-    uint16_t country
-    uint8_t op
-    uint8_t channel
-    uint8_t kind
-    uint8_t flags
-    uint8_t _pad[6]
-
-cdef packed struct Answer:
-    uint64_t id
-    int64_t stamp
-    int64_t available
-    int64_t approved_amount
-    int64_t balance
-    int64_t credit_limit
-    int64_t held
-    uint8_t status
-    uint8_t review
-    uint8_t account_status
-    uint8_t op
-    uint8_t has_available
-    uint8_t _pad[3]
+# Request and Answer are the kernel's structs (one declaration: _kernel.pxd).
+from authcore._kernel cimport Answer, Request
 
 assert sizeof(Request) == REQUEST_DTYPE.itemsize
 assert sizeof(Answer) == ANSWER_DTYPE.itemsize

@@ -1333,6 +1333,17 @@ cdef class Kernel:
         self.card_slots = self._rehash(&S.card_index, self.card_slots, S.card_index.count + n)
         self._bind()
 
+    def prefault(self):
+        """Touch every page of every table now (writing zeros where nothing
+        lives yet), so that deciding never pays first-touch page faults:
+        measured at ~40% of decide time while fresh tables fill."""
+        page = 4096
+        for arr in (self.accounts, self.holds, self.remembered, self.merchants, self.cards, self.act,
+                    self.account_slots, self.hold_slots, self.remembered_slots, self.merchant_slots,
+                    self.card_slots):
+            flat = arr.reshape(-1).view(np.uint8)
+            flat[::page] = flat[::page]  # rewrite in place: touches, keeps contents
+
     # -- deciding ------------------------------------------------------------
 
     def decide(self, requests, int64_t stamp0):

@@ -119,6 +119,10 @@ class Engine:
     accounts_initial: int = 0
     holds_initial: int = 0
     ids_initial: int = 0
+    # Touch every table page at start (RSS = the full presized tables, ~2 GB
+    # for `serve`'s sizes) so the first pass over fresh memory does not pay
+    # page faults inside decisions.  Off by default: a laptop runs `serve` too.
+    prefault: bool = False
 
 
 @dataclass(frozen=True)

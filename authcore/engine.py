@@ -165,6 +165,10 @@ class Engine:
             return None
         return self._kernel.card_account(h)
 
+    def prefault(self) -> None:
+        """Fault every table page in now (config ``engine.prefault``)."""
+        self._kernel.prefault()
+
     # -- configuration -----------------------------------------------------
 
     def set_decision_config(self, decision: dict[str, Any]) -> None:

@@ -815,6 +815,8 @@ async def start(
         try:
             engine = Engine(config, pan_key=key, presize=True)
             report = storage.recover(engine)
+            if config.engine.prefault:
+                engine.prefault()
         except BaseException:
             storage.close()
             raise

@@ -256,3 +256,12 @@ def test_set_limits_in_a_foreign_currency_is_a_mismatch():
     ans = eng.execute({"op": "set_limits", "id": 5, "account": 1, "credit_limit": 7, "currency": 156})
     assert ans["status"] == "currency_mismatch"
     assert eng.accounts()[1]["credit_limit"] == 0
+
+
+def test_prefault_touches_pages_but_changes_nothing():
+    eng = small_engine()
+    open_funded(eng, 1)
+    before = eng.digest()
+    eng.prefault()
+    assert eng.digest() == before
+    assert eng.query(1)["balance"] == 10**9

@@ -32,13 +32,7 @@ except ImportError as e:  # pragma: no cover - a source checkout without a build
         "(or `python setup.py build_ext --inplace`)"
     ) from e
 
-try:
-    from .wal import Unavailable
-except ImportError:  # the log module is optional for a purely in-memory engine
-
-    class Unavailable(Exception):  # type: ignore[no-redef]
-        """The batch could not be made durable; nothing of it was applied."""
-
+from .wal import Unavailable
 
 digest_version = b"authcore-state-v1"
 # What `authcore serve` allocates when the config leaves sizes automatic:

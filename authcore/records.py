@@ -12,14 +12,13 @@ traffic, which uses the binary protocol's records directly.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .constants import (
     ANSWER_DTYPE,
     FLAG_ALLOW_PARTIAL,
-    FLAG_NO_CARD,
     FLAG_SET_CREDIT,
     FLAG_SET_DAILY,
     FLAG_SET_SINGLE,
@@ -239,18 +238,4 @@ def answers_to_json(requests: np.ndarray, answers: np.ndarray) -> list[dict]:
             for i in range(len(answers))]
 
 
-def error_json(message: str, id: int | None = None, status: Status = Status.bad_request) -> dict:
-    """The answer to a request that never reached the kernel."""
-    d: dict[str, Any] = {"status": status.name, "code": STATUS_CODE[status], "error": message}
-    if id is not None:
-        d = {"id": id, **d}
-    return d
-
-
-def no_card_request(rid: int, op: Op, amount: int, currency: int) -> tuple:
-    """An authorize/purchase whose PAN is bound to no account (ISO 8583)."""
-    return (rid, 0, 0, amount, 0, 0, currency, 0, 0, int(op), 0, 0, FLAG_NO_CARD, b"")
-
-
-HasherT = Callable[[str], bytes]
 assert ANSWER_DTYPE.names is not None and "has_available" in ANSWER_DTYPE.names

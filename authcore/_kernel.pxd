@@ -141,6 +141,7 @@ ctypedef struct State:
     int64_t* merchants                # rows [id, pos, ring of burst_last signed stamps (<0 = declined)]
     uint64_t merchant_width           # int64 words per merchant row
     uint64_t merchant_count
+    uint64_t merchant_hand            # clock hand for reusing stale merchant rows
     Index merchant_index
     Card* cards
     uint64_t card_count

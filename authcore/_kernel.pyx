@@ -359,13 +359,34 @@ cdef int64_t* activity_claim(State* S, Account* a, uint32_t row, int64_t now) no
     return r
 
 
-cdef inline int64_t* merchant_row(State* S, uint64_t merchant, bint create) noexcept nogil:
+cdef inline int64_t* merchant_row(State* S, uint64_t merchant, bint create, int64_t now) noexcept nogil:
+    """The merchant's decline ring; creating one reuses a stale row first,
+    so a stream of new merchant ids cannot grow the table without bound."""
     cdef uint64_t v = ix_find(&S.merchant_index, merchant)
     cdef int64_t* r
+    cdef int64_t newest
+    cdef uint64_t k, slot
     if v != 0:
         return S.merchants + (v - 1) * S.merchant_width
     if not create:
         return NULL
+    for k in range(PROBE_MAX):
+        if S.merchant_count == 0:
+            break
+        if S.merchant_hand >= S.merchant_count:
+            S.merchant_hand = 0
+        slot = S.merchant_hand
+        S.merchant_hand += 1
+        r = S.merchants + slot * S.merchant_width
+        newest = r[M_HEADER + (r[M_POS] + S.rules.burst_last - 1) % S.rules.burst_last]
+        if newest < 0:
+            newest = -newest
+        if newest <= now - S.rules.burst_window:  # no attempt of it can count again
+            ix_delete(&S.merchant_index, <uint64_t>r[M_ID], slot + 1)
+            memset(r, 0, S.merchant_width * sizeof(int64_t))
+            r[M_ID] = <int64_t>merchant
+            ix_insert(&S.merchant_index, merchant, slot + 1)
+            return r
     r = S.merchants + S.merchant_count * S.merchant_width
     memset(r, 0, S.merchant_width * sizeof(int64_t))
     r[M_ID] = <int64_t>merchant
@@ -387,7 +408,7 @@ cdef inline void record_attempt(State* S, Account* a, uint32_t row, uint64_t mer
         r[ACT_CPOS] = (r[ACT_CPOS] + 1) % n_c
     r[ACT_LAST] = now
     if merchant != 0:
-        m = merchant_row(S, merchant, True)
+        m = merchant_row(S, merchant, True, now)
         m[M_HEADER + m[M_POS]] = -now if declined else now
         m[M_POS] = (m[M_POS] + 1) % S.rules.burst_last
 
@@ -419,7 +440,7 @@ cdef int64_t fraud_score(State* S, Account* a, uint32_t row, Request* r, int64_t
     if r.op != OP_TRANSFER and r.mcc <= MCC_MAX and S.risky_mcc[r.mcc]:
         score += R.mcc_points
     if merchant != 0:
-        m = merchant_row(S, merchant, False)
+        m = merchant_row(S, merchant, False, now)
         if m != NULL:
             declines = 0
             for i in range(R.burst_last):
@@ -1395,6 +1416,7 @@ cdef class Kernel:
             "remembered_head": S.remembered_head,
             "remembered_tail": S.remembered_tail,
             "merchant_count": S.merchant_count,
+            "merchant_hand": S.merchant_hand,
             "card_count": S.card_count,
             "act_high": S.act_high,
             "act_hand": S.act_hand,
@@ -1445,6 +1467,7 @@ cdef class Kernel:
         S.card_count = len(arrays["cards"])
         S.act_high = counters["act_high"]
         S.act_hand = counters["act_hand"]
+        S.merchant_hand = counters.get("merchant_hand", 0)
         S.hold_head = counters["hold_head"]
         S.hold_tail = counters["hold_tail"]
         S.hold_expire = counters["hold_expire"]

@@ -265,3 +265,22 @@ def test_prefault_touches_pages_but_changes_nothing():
     eng.prefault()
     assert eng.digest() == before
     assert eng.query(1)["balance"] == 10**9
+
+
+def test_merchant_rows_are_reused_once_stale():
+    clock = Clock()
+    eng = small_engine(clock)
+    open_funded(eng, 1)
+    for m in range(20):
+        eng.execute({"op": "authorize", "id": 7_000_000 + m, "account": 1, "amount": 1000, "currency": 978,
+                     "merchant": 100 + m})
+    assert eng.counters()["merchant_count"] == 20
+    clock.t += 3600 * C.us_per_s  # past merchant_burst's window
+    for m in range(20):
+        eng.execute({"op": "authorize", "id": 8_000_000 + m, "account": 1, "amount": 1000, "currency": 978,
+                     "merchant": 500 + m})
+    assert eng.counters()["merchant_count"] == 20  # reused, not grown
+    arrays, meta = eng.export_state()
+    copy = small_engine(Clock(clock.t))
+    copy.load_state(arrays, meta)
+    assert copy.digest() == eng.digest()

@@ -179,22 +179,6 @@ def test_sigkill_soak(tmp_path):
 # --- a real disk-full run ------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 1 MiB tmpfs (root only); always unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_engine_on_a_full_disk_answers_unavailable_then_resumes(tiny_fs):
     from authcore.engine import Engine, Unavailable
 

@@ -992,7 +992,7 @@ cdef inline Account* guess_account(State* S, Request* r) noexcept nogil:
 
 
 cdef inline void prefetch_rows(State* S, Request* r) noexcept nogil:
-    cdef uint64_t v
+    cdef uint64_t v, k
     cdef char* p
     if names_hold(r.op):
         v = slot_of(&S.hold_index, r.account)[0]
@@ -1006,8 +1006,10 @@ cdef inline void prefetch_rows(State* S, Request* r) noexcept nogil:
         ac_prefetch(p + 64)
     if r.op == OP_AUTHORIZE or r.op == OP_PURCHASE:
         v = slot_of(&S.merchant_index, r.to)[0]
-        if v != 0:
-            ac_prefetch(S.merchants + (v - 1) * S.merchant_width)
+        if v != 0:  # the whole ring: merchant_burst scans all of it
+            p = <char*>(S.merchants + (v - 1) * S.merchant_width)
+            for k in range(0, S.merchant_width * sizeof(int64_t), 64):
+                ac_prefetch(p + k)
     elif r.op == OP_TRANSFER:
         v = slot_of(&S.account_index, r.to)[0]
         if v != 0 and v <= S.account_count:

@@ -134,3 +134,19 @@ def tiny_fs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def start_server(config=None, clock=None):
+    """An in-process server (ServerThread) on free ports, in-memory engine."""
+    from authcore.engine import Engine
+    from authcore.server import ServerThread
+
+    eng = Engine(config, clock=clock or FakeClock(), pan_key=PAN_KEY)
+    return ServerThread(engine=eng, config=config).start()
+
+
+@pytest.fixture
+def srv():
+    s = start_server()
+    yield s
+    s.stop()

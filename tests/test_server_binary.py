@@ -24,9 +24,8 @@ from authcore import constants as C
 from authcore.client import Client, ProtocolError, records_from_dicts
 from authcore.config import Config
 from authcore.protocols import binary as wire
-from authcore.server import ServerThread
 
-from conftest import PAN_KEY, FakeClock, kernel_built
+from conftest import FakeClock, kernel_built, start_server as start
 
 pytestmark = pytest.mark.skipif(not kernel_built(), reason="authcore._kernel is not built yet")
 
@@ -34,18 +33,6 @@ USD = 840
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 
-def start(config: Config | None = None, clock: FakeClock | None = None) -> ServerThread:
-    from authcore.engine import Engine
-
-    eng = Engine(config, clock=clock or FakeClock(), pan_key=PAN_KEY)
-    return ServerThread(engine=eng, config=config).start()
-
-
-@pytest.fixture
-def srv():
-    s = start()
-    yield s
-    s.stop()
 
 
 class Raw:

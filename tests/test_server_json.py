@@ -31,9 +31,8 @@ from authcore.client import AsyncClient, Client
 from authcore.config import Config
 from authcore.protocols.json_lines import encode_answers, request_tuple_fast
 from authcore.records import RequestError, answers_to_json, request_tuple
-from authcore.server import ServerThread
 
-from conftest import PAN_KEY, FakeClock, kernel_built
+from conftest import PAN_KEY, kernel_built, start_server as start
 
 pytestmark = pytest.mark.skipif(not kernel_built(), reason="authcore._kernel is not built yet")
 
@@ -46,18 +45,6 @@ def make_config(**server) -> Config:
     return Config.from_dict({"server": server}) if server else Config.default()
 
 
-def start(config: Config | None = None, clock: FakeClock | None = None) -> ServerThread:
-    from authcore.engine import Engine
-
-    eng = Engine(config, clock=clock or FakeClock(), pan_key=PAN_KEY)
-    return ServerThread(engine=eng, config=config).start()
-
-
-@pytest.fixture
-def srv():
-    s = start()
-    yield s
-    s.stop()
 
 
 class Lines:

@@ -137,6 +137,8 @@ cdef uint16_t MCC_MAX = C.mcc_max
 cdef uint64_t PROBE_MAX = C.activity_probe_max
 cdef uint64_t ROWS_INITIAL = C.table_rows_initial
 cdef size_t PAGE_BYTES = 4096      # smallest page: prefault touches one byte in each
+HUGE_PAGE_BYTES = 2 << 20          # x86-64 transparent huge page
+CACHE_LINE_BYTES = 64
 # Activity/merchant row header words (before the rings).
 cdef enum:
     ACT_OWNER = 0
@@ -1103,6 +1105,24 @@ def _check_layout():
 _check_layout()
 
 
+def _table(shape, dtype):
+    """Zeroed array whose rows start on cache-line boundaries.
+
+    numpy's large arrays start 16 bytes into a page (glibc's chunk header),
+    so a 128-byte row spanned three cache lines and a 64-byte one two.
+    Tables of a huge page or more start on a huge-page boundary as well, so
+    the kernel can back them with 2 MiB pages from the first byte.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    align = HUGE_PAGE_BYTES if nbytes >= HUGE_PAGE_BYTES else CACHE_LINE_BYTES
+    buf = np.zeros(nbytes + align, np.uint8)
+    start = -buf.ctypes.data % align
+    out = buf[start : start + nbytes].view(dtype).reshape(shape)
+    assert out.ctypes.data % align == 0
+    return out
+
+
 def _pow2_at_least(n):
     p = ROWS_INITIAL
     while p < n:
@@ -1147,17 +1167,17 @@ cdef class Kernel:
         na = _pow2_at_least(initial.get("accounts", n))
         nh = _pow2_at_least(initial.get("holds", n))
         nr = _pow2_at_least(initial.get("ids", n))
-        self.accounts = np.zeros(na, ACCOUNT_DTYPE)
-        self.holds = np.zeros(nh, HOLD_DTYPE)
-        self.remembered = np.zeros(nr, REMEMBERED_DTYPE)
-        self.merchants = np.zeros((n, self.S.merchant_width), np.int64)
-        self.cards = np.zeros(n, CARD_DTYPE)
-        self.act = np.zeros((na, self.S.act_width), np.int64)
-        self.account_slots = np.zeros(2 * na, np.uint64)
-        self.hold_slots = np.zeros(2 * nh, np.uint64)
-        self.remembered_slots = np.zeros(2 * nr, np.uint64)
-        self.merchant_slots = np.zeros(2 * n, np.uint64)
-        self.card_slots = np.zeros(2 * n, np.uint64)
+        self.accounts = _table(na, ACCOUNT_DTYPE)
+        self.holds = _table(nh, HOLD_DTYPE)
+        self.remembered = _table(nr, REMEMBERED_DTYPE)
+        self.merchants = _table((n, self.S.merchant_width), np.int64)
+        self.cards = _table(n, CARD_DTYPE)
+        self.act = _table((na, self.S.act_width), np.int64)
+        self.account_slots = _table(2 * na, np.uint64)
+        self.hold_slots = _table(2 * nh, np.uint64)
+        self.remembered_slots = _table(2 * nr, np.uint64)
+        self.merchant_slots = _table(2 * n, np.uint64)
+        self.card_slots = _table(2 * n, np.uint64)
         self._bind()
 
     def _set_rules(self, dict d):
@@ -1206,13 +1226,13 @@ cdef class Kernel:
         old_act, old_m = self.S.act_width, self.S.merchant_width
         self._set_rules(d)
         if self.S.act_width != old_act:
-            self.act = np.zeros((len(self.act), self.S.act_width), np.int64)
+            self.act = _table((len(self.act), self.S.act_width), np.int64)
             self.S.act_high = 0
             self.S.act_hand = 0
             self.accounts["activity"] = 0
         if self.S.merchant_width != old_m:
             old = self.merchants[: self.S.merchant_count]
-            self.merchants = np.zeros((len(self.merchants), self.S.merchant_width), np.int64)
+            self.merchants = _table((len(self.merchants), self.S.merchant_width), np.int64)
             self.merchants[: self.S.merchant_count, 0] = old[:, 0]
         self._bind()
 
@@ -1260,7 +1280,7 @@ cdef class Kernel:
             return slots
         while need * C.index_load_max_den > size * C.index_load_max_num:
             size <<= 1
-        new = np.zeros(size, np.uint64)
+        new = _table(size, np.uint64)
         cdef uint64_t[::1] old_view = slots
         cdef Index nix = ix[0]
         nix.slots = <uint64_t*>cnp.PyArray_DATA(<cnp.ndarray>new)
@@ -1297,7 +1317,7 @@ cdef class Kernel:
         if need <= cap:
             return arr
         new_cap = _pow2_at_least(need)
-        new = np.zeros(new_cap, arr.dtype)
+        new = _table(new_cap, arr.dtype)
         seq = head
         while seq < tail:
             o = seq & (cap - 1)
@@ -1311,7 +1331,7 @@ cdef class Kernel:
         if need <= <uint64_t>len(arr):
             return arr
         shape = (_pow2_at_least(need),) + arr.shape[1:]
-        new = np.zeros(shape, arr.dtype)
+        new = _table(shape, arr.dtype)
         new[:used] = arr[:used]
         return new
 
@@ -1365,15 +1385,21 @@ cdef class Kernel:
         self.card_slots = self._rehash(&S.card_index, self.card_slots, S.card_index.count + n)
         self._bind()
 
+    def tables(self):
+        """Every table at full capacity (used or not), by name."""
+        return {"accounts": self.accounts, "holds": self.holds, "remembered": self.remembered,
+                "merchants": self.merchants, "cards": self.cards, "activity": self.act,
+                "account_slots": self.account_slots, "hold_slots": self.hold_slots,
+                "remembered_slots": self.remembered_slots, "merchant_slots": self.merchant_slots,
+                "card_slots": self.card_slots}
+
     def prefault(self):
         """Touch every page of every table now, keeping contents, so that
         deciding never pays first-touch page faults (a 2 MiB huge-page fault
         costs milliseconds on this VM).  Not ``a[::4096] = a[::4096]``:
         numpy skips a copy onto itself, so that touched nothing."""
         cdef cnp.ndarray a
-        for arr in (self.accounts, self.holds, self.remembered, self.merchants, self.cards, self.act,
-                    self.account_slots, self.hold_slots, self.remembered_slots, self.merchant_slots,
-                    self.card_slots):
+        for arr in self.tables().values():
             a = arr
             assert a.flags.c_contiguous
             with nogil:
@@ -1491,21 +1517,21 @@ cdef class Kernel:
         assert S.remembered_tail - S.remembered_head == <uint64_t>len(rem)
         assert S.act_high == <uint64_t>len(arrays["activity"])
         sizes = self.initial
-        self.accounts = np.zeros(_pow2_at_least(max(S.account_count, sizes.get("accounts", 0))), ACCOUNT_DTYPE)
+        self.accounts = _table(_pow2_at_least(max(S.account_count, sizes.get("accounts", 0))), ACCOUNT_DTYPE)
         self.accounts[: S.account_count] = acc
-        self.merchants = np.zeros((_pow2_at_least(S.merchant_count), S.merchant_width), np.int64)
+        self.merchants = _table((_pow2_at_least(S.merchant_count), S.merchant_width), np.int64)
         self.merchants[: S.merchant_count] = arrays["merchants"]
-        self.cards = np.zeros(_pow2_at_least(S.card_count), CARD_DTYPE)
+        self.cards = _table(_pow2_at_least(S.card_count), CARD_DTYPE)
         self.cards[: S.card_count] = arrays["cards"]
-        self.act = np.zeros((_pow2_at_least(max(S.act_high, sizes.get("accounts", 0))), S.act_width), np.int64)
+        self.act = _table((_pow2_at_least(max(S.act_high, sizes.get("accounts", 0))), S.act_width), np.int64)
         self.act[: S.act_high] = arrays["activity"]
         self.settlement[:] = arrays["settlement"]
         cap = _pow2_at_least(max(len(holds), sizes.get("holds", 0)))
-        self.holds = np.zeros(cap, HOLD_DTYPE)
+        self.holds = _table(cap, HOLD_DTYPE)
         seqs = np.arange(S.hold_head, S.hold_tail, dtype=np.uint64)
         self.holds[seqs & np.uint64(cap - 1)] = holds
         cap = _pow2_at_least(max(len(rem), sizes.get("ids", 0)))
-        self.remembered = np.zeros(cap, REMEMBERED_DTYPE)
+        self.remembered = _table(cap, REMEMBERED_DTYPE)
         seqs = np.arange(S.remembered_head, S.remembered_tail, dtype=np.uint64)
         self.remembered[seqs & np.uint64(cap - 1)] = rem
         self._rebuild_indexes()
@@ -1514,13 +1540,13 @@ cdef class Kernel:
         cdef State* S = &self.S
         self._bind()
         sizes = self.initial
-        self.account_slots = np.zeros(_pow2_at_least(2 * max(S.account_count + 1, sizes.get("accounts", 0))), np.uint64)
-        self.hold_slots = np.zeros(_pow2_at_least(2 * max(S.hold_tail - S.hold_head + 1, sizes.get("holds", 0))),
+        self.account_slots = _table(_pow2_at_least(2 * max(S.account_count + 1, sizes.get("accounts", 0))), np.uint64)
+        self.hold_slots = _table(_pow2_at_least(2 * max(S.hold_tail - S.hold_head + 1, sizes.get("holds", 0))),
                                    np.uint64)
-        self.remembered_slots = np.zeros(
+        self.remembered_slots = _table(
             _pow2_at_least(2 * max(S.remembered_tail - S.remembered_head + 1, sizes.get("ids", 0))), np.uint64)
-        self.merchant_slots = np.zeros(_pow2_at_least(2 * S.merchant_count + 2), np.uint64)
-        self.card_slots = np.zeros(_pow2_at_least(2 * S.card_count + 2), np.uint64)
+        self.merchant_slots = _table(_pow2_at_least(2 * S.merchant_count + 2), np.uint64)
+        self.card_slots = _table(_pow2_at_least(2 * S.card_count + 2), np.uint64)
         self._bind()
         cdef uint64_t i
         S.account_index.count = 0

@@ -139,13 +139,14 @@ cdef uint64_t ROWS_INITIAL = C.table_rows_initial
 cdef size_t PAGE_BYTES = 4096      # smallest page: prefault touches one byte in each
 HUGE_PAGE_BYTES = 2 << 20          # x86-64 transparent huge page
 CACHE_LINE_BYTES = 64
-# Activity/merchant row header words (before the rings).
+# An activity row is one header word, the velocity ring, then the card ring,
+# padded to whole cache lines: with the defaults (10 + 5 stamps) exactly two
+# aligned lines.  The header packs the owner (account row + 1, 32 bits) and
+# the two ring positions (16 bits each).  A row's newest attempt is the
+# velocity ring's newest stamp: every attempt enters that ring.
 cdef enum:
-    ACT_OWNER = 0
-    ACT_LAST = 1
-    ACT_VPOS = 2
-    ACT_CPOS = 3
-    ACT_HEADER = 4
+    ACT_HEADER = 1
+    ACT_ROW_ALIGN_WORDS = 8
     M_ID = 0
     M_POS = 1
     M_HEADER = 2
@@ -329,12 +330,33 @@ cdef inline Hold* new_hold(State* S, uint64_t id, uint32_t row, uint64_t merchan
 
 # --- fraud (SPEC §5) ----------------------------------------------------------
 
+cdef inline uint64_t act_owner(int64_t* r) noexcept nogil:
+    return (<uint64_t>r[0]) & 0xFFFFFFFFULL
+
+
+cdef inline int64_t act_vpos(int64_t* r) noexcept nogil:
+    return <int64_t>((<uint64_t>r[0] >> 32) & 0xFFFFULL)
+
+
+cdef inline int64_t act_cpos(int64_t* r) noexcept nogil:
+    return <int64_t>(<uint64_t>r[0] >> 48)
+
+
+cdef inline void act_set_header(int64_t* r, uint64_t owner, int64_t vpos, int64_t cpos) noexcept nogil:
+    r[0] = <int64_t>(owner | (<uint64_t>vpos << 32) | (<uint64_t>cpos << 48))
+
+
+cdef inline int64_t act_newest(State* S, int64_t* r) noexcept nogil:
+    cdef int64_t n_v = S.rules.velocity_attempts
+    return r[ACT_HEADER + (act_vpos(r) + n_v - 1) % n_v]
+
+
 cdef inline int64_t* activity_row(State* S, Account* a, uint32_t row) noexcept nogil:
     cdef int64_t* r
     if a.activity == 0:
         return NULL
     r = S.act + (a.activity - 1) * S.act_width
-    if r[ACT_OWNER] != row + 1:
+    if act_owner(r) != <uint64_t>row + 1:
         return NULL  # reused by another account: ours was stale, i.e. empty
     return r
 
@@ -353,17 +375,14 @@ cdef int64_t* activity_claim(State* S, Account* a, uint32_t row, int64_t now) no
             S.act_hand = 0
         slot = S.act_hand
         S.act_hand += 1
-        if S.act[slot * S.act_width + ACT_LAST] <= now - S.rules.activity_window:
+        if act_newest(S, S.act + slot * S.act_width) <= now - S.rules.activity_window:
             found = True
             break
     if not found:
         slot = S.act_high  # reserve() guarantees room
         S.act_high += 1
     r = S.act + slot * S.act_width
-    r[ACT_OWNER] = row + 1
-    r[ACT_LAST] = INT64_MIN
-    r[ACT_VPOS] = 0
-    r[ACT_CPOS] = 0
+    act_set_header(r, <uint64_t>row + 1, 0, 0)
     for i in range(ACT_HEADER, S.act_width):
         r[i] = INT64_MIN
     a.activity = <uint32_t>(slot + 1)
@@ -412,12 +431,14 @@ cdef inline void record_attempt(State* S, Account* a, uint32_t row, uint64_t mer
     cdef int64_t n_v = S.rules.velocity_attempts
     cdef int64_t n_c = S.rules.card_attempts
     cdef int64_t* m
-    r[ACT_HEADER + r[ACT_VPOS]] = now
-    r[ACT_VPOS] = (r[ACT_VPOS] + 1) % n_v
+    cdef int64_t vpos = act_vpos(r)
+    cdef int64_t cpos = act_cpos(r)
+    r[ACT_HEADER + vpos] = now
+    vpos = (vpos + 1) % n_v
     if amount <= S.rules.card_max_amount:
-        r[ACT_HEADER + n_v + r[ACT_CPOS]] = now
-        r[ACT_CPOS] = (r[ACT_CPOS] + 1) % n_c
-    r[ACT_LAST] = now
+        r[ACT_HEADER + n_v + cpos] = now
+        cpos = (cpos + 1) % n_c
+    act_set_header(r, act_owner(r), vpos, cpos)
     if merchant != 0:
         m = merchant_row(S, merchant, True, now)
         m[M_HEADER + m[M_POS]] = -now if declined else now
@@ -436,9 +457,9 @@ cdef int64_t fraud_score(State* S, Account* a, uint32_t row, Request* r, int64_t
     if act != NULL:
         # The ring holds the last N attempts; N of them fall in the window
         # exactly when the oldest of the N (the next to be overwritten) does.
-        if act[ACT_HEADER + act[ACT_VPOS]] > now - R.velocity_window:
+        if act[ACT_HEADER + act_vpos(act)] > now - R.velocity_window:
             score += R.velocity_points
-        if act[ACT_HEADER + R.velocity_attempts + act[ACT_CPOS]] > now - R.card_window:
+        if act[ACT_HEADER + R.velocity_attempts + act_cpos(act)] > now - R.card_window:
             score += R.card_points
     if (a.spend_count >= R.spike_min_approved and r.amount >= R.spike_min_amount
             and ac_spike(r.amount, a.spend_count, a.spend_total_lo, a.spend_total_hi, R.spike_factor)):
@@ -1216,7 +1237,8 @@ cdef class Kernel:
         self.risky[:] = 0
         for m in f["risky_mcc"]["mccs"]:
             self.risky[m] = 1
-        self.S.act_width = ACT_HEADER + R.velocity_attempts + R.card_attempts
+        width = ACT_HEADER + R.velocity_attempts + R.card_attempts
+        self.S.act_width = -(-width // ACT_ROW_ALIGN_WORDS) * ACT_ROW_ALIGN_WORDS
         self.S.merchant_width = M_HEADER + R.burst_last
         self.rules_dict = d
 
@@ -1363,6 +1385,8 @@ cdef class Kernel:
         """
         cdef State* S = &self.S
         cdef uint64_t live
+        if S.account_count + n > C.account_rows_max or S.act_high + n > C.account_rows_max:
+            raise OverflowError(f"accounts: at most {C.account_rows_max} rows per shard")
         live = S.hold_tail - S.hold_head
         if live + n > self.holds_retained_max:
             self._evict(True, live + n - self.holds_retained_max)

@@ -40,6 +40,7 @@ index_load_max_num = 1  # open-addressing tables stay at most half full:
 index_load_max_den = 2  # linear probing degrades sharply above ~0.7.
 activity_probe_max = 8  # stale-slot probes before the activity table grows.
 risky_mcc_max = 64  # configured risky MCCs (SPEC §5 risky_mcc.mccs).
+account_rows_max = (1 << 32) - 2  # rows are uint32 in holds and activity owners (row + 1)
 ring_size_max = 256  # largest attempts/last_attempts a fraud rule may use:
 # every ring lives inline in a table row, so it must stay small.
 

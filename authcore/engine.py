@@ -34,7 +34,7 @@ except ImportError as e:  # pragma: no cover - a source checkout without a build
 
 from .wal import Unavailable
 
-digest_version = b"authcore-state-v1"
+digest_version = b"authcore-state-v2"  # v2: activity rows packed into whole cache lines
 # What `authcore serve` allocates when the config leaves sizes automatic:
 # enough for a load test's first minute without a growth pause, and only
 # virtual memory until used (np.zeros is calloc).
@@ -202,6 +202,9 @@ class Engine:
         return arrays, meta
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        layout = meta.get("digest_version")
+        if layout != digest_version.decode():
+            raise ValueError(f"state layout {layout!r}; this build reads {digest_version.decode()!r}")
         if meta.get("decision"):
             self.apply_logged_config({"decision": meta["decision"], "engine": meta.get("memory")})
         self._kernel.import_state(arrays, meta["counters"])

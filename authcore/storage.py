@@ -46,6 +46,7 @@ from . import snapshot as snap
 from . import wal as W
 from .config import Config
 from .constants import ANSWER_DTYPE, Op, Status
+from .engine import digest_version
 from .wal import CorruptLog, Unavailable
 
 __all__ = ["Storage", "RecoveryReport", "CorruptLog", "Unavailable", "verify", "replay", "backtest"]
@@ -411,6 +412,10 @@ def _choose_snapshot(snap_dir: str, scan: W.LogScan, skipped: list[tuple[str, st
         st = meta.get("storage", {})
         if st.get("wal_seq") != seq or "engine" not in meta:
             skipped.append((path, "snapshot meta does not match its name"))
+            continue
+        layout = meta["engine"].get("digest_version")
+        if layout != digest_version.decode():
+            skipped.append((path, f"state layout {layout!r}; this build reads {digest_version.decode()!r}"))
             continue
         return seq, path, arrays, meta
     return None

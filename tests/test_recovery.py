@@ -419,3 +419,22 @@ def test_damage_in_log_covered_by_snapshot_is_found_by_verify_not_needed_to_star
     with pytest.raises(W.CorruptLog) as e:
         recovered_digest(tmp_path, cfg)
     assert e.value.path == victim.path and e.value.offset == victim.offset
+
+
+def test_snapshot_of_another_state_layout_is_skipped_for_the_log(tmp_path, monkeypatch):
+    """A build whose tables are laid out differently replays the log instead."""
+    cfg = config()
+    wl = Workload(7, 200)
+    st, eng, _ = start(tmp_path, cfg)
+    setup(eng, wl)
+    run_load(eng, wl, 5)
+    st.snapshot(eng, background=False)
+    live = eng.digest()
+    st.close()
+    monkeypatch.setattr(S, "digest_version", b"authcore-state-v0")
+    _, rep = recovered_digest(tmp_path, cfg)
+    assert rep.snapshot is None and len(rep.skipped_snapshots) == 1
+    assert "state layout" in rep.skipped_snapshots[0][1]
+    monkeypatch.undo()
+    digest, rep = recovered_digest(tmp_path, cfg)
+    assert digest == live and rep.snapshot is not None

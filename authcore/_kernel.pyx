@@ -164,53 +164,75 @@ cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     return x
 
 
+# A slot is 0 (empty) or tag << 40 | value: the value is row + 1 (or a ring
+# sequence folded by ring_value), the tag the top 24 bits of the key's hash.
+# A probe compares tags first and reads a row's key only when they agree,
+# so looking up an absent id (every new request id) almost never touches a
+# row: without tags, each occupied slot on its probe path was one more
+# random cache miss.
+cdef enum:
+    IX_VALUE_BITS = 40
+cdef uint64_t IX_VALUE_MASK = (1ULL << IX_VALUE_BITS) - 1
+cdef uint64_t IX_TAG_MASK = ~IX_VALUE_MASK
+cdef uint64_t IX_SEQ_MASK = (1ULL << (IX_VALUE_BITS - 1)) - 1
+
+
+cdef inline uint64_t ring_value(uint64_t seq) noexcept nogil:
+    """The index value of ring sequence ``seq``: (value - 1) & rowmask is
+    its row for any ring of at most 2^39 rows, and it fits in 40 bits."""
+    return (seq & IX_SEQ_MASK) + 1
+
+
 cdef inline uint64_t ix_key(Index* ix, uint64_t v) noexcept nogil:
     return (<uint64_t*>(ix.rows + ((v - 1) & ix.rowmask) * ix.stride))[0]
 
 
 cdef inline uint64_t ix_find(Index* ix, uint64_t key) noexcept nogil:
-    cdef uint64_t h = mix64(key) & ix.mask
-    cdef uint64_t v
+    cdef uint64_t hsh = mix64(key)
+    cdef uint64_t h = hsh & ix.mask
+    cdef uint64_t tag = hsh & IX_TAG_MASK
+    cdef uint64_t s
     while True:
-        v = ix.slots[h]
-        if v == 0:
+        s = ix.slots[h]
+        if s == 0:
             return 0
-        if ix_key(ix, v) == key:
-            return v
+        if (s & IX_TAG_MASK) == tag and ix_key(ix, s & IX_VALUE_MASK) == key:
+            return s & IX_VALUE_MASK
         h = (h + 1) & ix.mask
 
 
 cdef inline void ix_insert(Index* ix, uint64_t key, uint64_t value) noexcept nogil:
-    cdef uint64_t h = mix64(key) & ix.mask
+    cdef uint64_t hsh = mix64(key)
+    cdef uint64_t h = hsh & ix.mask
     while ix.slots[h] != 0:
         h = (h + 1) & ix.mask
-    ix.slots[h] = value
+    ix.slots[h] = (hsh & IX_TAG_MASK) | value
     ix.count += 1
 
 
 cdef void ix_delete(Index* ix, uint64_t key, uint64_t value) noexcept nogil:
     """Backward-shift deletion: keeps every probe chain unbroken."""
     cdef uint64_t i = mix64(key) & ix.mask
-    cdef uint64_t j, k, v
-    while ix.slots[i] != value:
+    cdef uint64_t j, k, s
+    while (ix.slots[i] & IX_VALUE_MASK) != value:
         if ix.slots[i] == 0:
             return
         i = (i + 1) & ix.mask
     j = i
     while True:
         j = (j + 1) & ix.mask
-        v = ix.slots[j]
-        if v == 0:
+        s = ix.slots[j]
+        if s == 0:
             break
-        k = mix64(ix_key(ix, v)) & ix.mask
-        # Leave v where it is if its home k lies cyclically in (i, j].
+        k = mix64(ix_key(ix, s & IX_VALUE_MASK)) & ix.mask
+        # Leave s where it is if its home k lies cyclically in (i, j].
         if i <= j:
             if i < k and k <= j:
                 continue
         else:
             if i < k or k <= j:
                 continue
-        ix.slots[i] = v
+        ix.slots[i] = s
         i = j
     ix.slots[i] = 0
     ix.count -= 1
@@ -324,7 +346,7 @@ cdef inline Hold* new_hold(State* S, uint64_t id, uint32_t row, uint64_t merchan
         # the newest one before it, at most the old TTL late.
         h.expires = S.holds[(seq - 1) & S.hold_rowmask].expires
     S.hold_tail = seq + 1
-    ix_insert(&S.hold_index, id, seq + 1)
+    ix_insert(&S.hold_index, id, ring_value(seq))
     return h
 
 
@@ -834,7 +856,7 @@ cdef Card* card_find(State* S, const uint8_t* pan_hash) noexcept nogil:
     cdef uint64_t v
     cdef Card* c
     while True:
-        v = ix.slots[h]
+        v = ix.slots[h] & IX_VALUE_MASK
         if v == 0:
             return NULL
         c = &S.cards[v - 1]
@@ -892,7 +914,7 @@ cdef inline void remember(State* S, Answer* ans) noexcept nogil:
     m.op = ans.op
     memset(m._pad, 0, 4)
     S.remembered_tail = seq + 1
-    ix_insert(&S.remembered_index, ans.id, seq + 1)
+    ix_insert(&S.remembered_index, ans.id, ring_value(seq))
 
 
 cdef void named_available(State* S, Request* r, Answer* ans) noexcept nogil:
@@ -992,6 +1014,11 @@ cdef inline uint64_t* slot_of(Index* ix, uint64_t key) noexcept nogil:
     return &ix.slots[mix64(key) & ix.mask]
 
 
+cdef inline uint64_t home_value(Index* ix, uint64_t key) noexcept nogil:
+    """The value in the key's home slot: its own value when it sits there."""
+    return slot_of(ix, key)[0] & IX_VALUE_MASK
+
+
 cdef inline void prefetch_slots(State* S, Request* r) noexcept nogil:
     cdef uint8_t op = r.op
     if r.id != 0:
@@ -1012,12 +1039,12 @@ cdef inline Account* guess_account(State* S, Request* r) noexcept nogil:
     cdef uint64_t v
     cdef Hold* h
     if names_hold(r.op):
-        v = slot_of(&S.hold_index, r.account)[0]
+        v = home_value(&S.hold_index, r.account)
         if v == 0:
             return NULL
         h = &S.holds[(v - 1) & S.hold_rowmask]
         return &S.accounts[h.account]
-    v = slot_of(&S.account_index, r.account)[0]
+    v = home_value(&S.account_index, r.account)
     if v == 0 or v > S.account_count:
         return NULL
     return &S.accounts[v - 1]
@@ -1027,23 +1054,23 @@ cdef inline void prefetch_rows(State* S, Request* r) noexcept nogil:
     cdef uint64_t v, k
     cdef char* p
     if names_hold(r.op):
-        v = slot_of(&S.hold_index, r.account)[0]
+        v = home_value(&S.hold_index, r.account)
         if v != 0:
             ac_prefetch(&S.holds[(v - 1) & S.hold_rowmask])
         return
-    v = slot_of(&S.account_index, r.account)[0]
+    v = home_value(&S.account_index, r.account)
     if v != 0 and v <= S.account_count:
         p = <char*>&S.accounts[v - 1]
         ac_prefetch(p)
         ac_prefetch(p + 64)
     if r.op == OP_AUTHORIZE or r.op == OP_PURCHASE:
-        v = slot_of(&S.merchant_index, r.to)[0]
+        v = home_value(&S.merchant_index, r.to)
         if v != 0:  # the whole ring: merchant_burst scans all of it
             p = <char*>(S.merchants + (v - 1) * S.merchant_width)
             for k in range(0, S.merchant_width * sizeof(int64_t), 64):
                 ac_prefetch(p + k)
     elif r.op == OP_TRANSFER:
-        v = slot_of(&S.account_index, r.to)[0]
+        v = home_value(&S.account_index, r.to)
         if v != 0 and v <= S.account_count:
             ac_prefetch(&S.accounts[v - 1])
 
@@ -1317,7 +1344,7 @@ cdef class Kernel:
             while i < total:
                 m = 0
                 while i < total and m < 64:
-                    v = old_view[i]
+                    v = old_view[i] & IX_VALUE_MASK
                     i += 1
                     if v != 0:
                         vals[m] = v
@@ -1368,13 +1395,13 @@ cdef class Kernel:
                 h = &S.holds[S.hold_head & S.hold_rowmask]
                 if h.state == HS_OPEN:
                     break
-                ix_delete(&S.hold_index, h.id, S.hold_head + 1)
+                ix_delete(&S.hold_index, h.id, ring_value(S.hold_head))
                 S.hold_head += 1
                 if S.hold_expire < S.hold_head:
                     S.hold_expire = S.hold_head
             else:
                 m = &S.remembered[S.remembered_head & S.remembered_rowmask]
-                ix_delete(&S.remembered_index, m.id, S.remembered_head + 1)
+                ix_delete(&S.remembered_index, m.id, ring_value(S.remembered_head))
                 S.remembered_head += 1
 
     def reserve(self, uint64_t n):
@@ -1582,9 +1609,9 @@ cdef class Kernel:
             for i in range(S.account_count):
                 ix_insert(&S.account_index, S.accounts[i].id, i + 1)
             for i in range(S.hold_head, S.hold_tail):
-                ix_insert(&S.hold_index, S.holds[i & S.hold_rowmask].id, i + 1)
+                ix_insert(&S.hold_index, S.holds[i & S.hold_rowmask].id, ring_value(i))
             for i in range(S.remembered_head, S.remembered_tail):
-                ix_insert(&S.remembered_index, S.remembered[i & S.remembered_rowmask].id, i + 1)
+                ix_insert(&S.remembered_index, S.remembered[i & S.remembered_rowmask].id, ring_value(i))
             for i in range(S.merchant_count):
                 ix_insert(&S.merchant_index, <uint64_t>S.merchants[i * S.merchant_width], i + 1)
             for i in range(S.card_count):

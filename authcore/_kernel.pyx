@@ -165,16 +165,32 @@ cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
 
 
 # A slot is 0 (empty) or tag << 40 | value: the value is row + 1 (or a ring
-# sequence folded by ring_value), the tag the top 24 bits of the key's hash.
+# sequence folded by ring_value), the tag the low 24 bits of the key's hash.
 # A probe compares tags first and reads a row's key only when they agree,
 # so looking up an absent id (every new request id) almost never touches a
 # row: without tags, each occupied slot on its probe path was one more
-# random cache miss.
+# random cache miss.  The tag holds the low bits of the entry's home slot,
+# and entries sit a short way past their home, so the home is recovered
+# from the slot position and the tag alone (slot_home): deleting never
+# reads a row either, which matters because full memories evict one entry
+# for every new one.
 cdef enum:
     IX_VALUE_BITS = 40
+    IX_TAG_BITS = 24
 cdef uint64_t IX_VALUE_MASK = (1ULL << IX_VALUE_BITS) - 1
-cdef uint64_t IX_TAG_MASK = ~IX_VALUE_MASK
+cdef uint64_t IX_TAG_LOW = (1ULL << IX_TAG_BITS) - 1
 cdef uint64_t IX_SEQ_MASK = (1ULL << (IX_VALUE_BITS - 1)) - 1
+
+
+cdef inline uint64_t ix_tag(uint64_t hsh) noexcept nogil:
+    return (hsh & IX_TAG_LOW) << IX_VALUE_BITS
+
+
+cdef inline uint64_t slot_home(Index* ix, uint64_t pos, uint64_t s) noexcept nogil:
+    """The home of the entry in slot ``pos``: home and tag agree modulo
+    2^24 (or the table size if smaller), and pos - home is far smaller."""
+    cdef uint64_t low = min(ix.mask, IX_TAG_LOW)
+    return (pos - ((pos - (s >> IX_VALUE_BITS)) & low)) & ix.mask
 
 
 cdef inline uint64_t ring_value(uint64_t seq) noexcept nogil:
@@ -190,13 +206,13 @@ cdef inline uint64_t ix_key(Index* ix, uint64_t v) noexcept nogil:
 cdef inline uint64_t ix_find(Index* ix, uint64_t key) noexcept nogil:
     cdef uint64_t hsh = mix64(key)
     cdef uint64_t h = hsh & ix.mask
-    cdef uint64_t tag = hsh & IX_TAG_MASK
+    cdef uint64_t tag = ix_tag(hsh)
     cdef uint64_t s
     while True:
         s = ix.slots[h]
         if s == 0:
             return 0
-        if (s & IX_TAG_MASK) == tag and ix_key(ix, s & IX_VALUE_MASK) == key:
+        if (s & ~IX_VALUE_MASK) == tag and ix_key(ix, s & IX_VALUE_MASK) == key:
             return s & IX_VALUE_MASK
         h = (h + 1) & ix.mask
 
@@ -206,7 +222,7 @@ cdef inline void ix_insert(Index* ix, uint64_t key, uint64_t value) noexcept nog
     cdef uint64_t h = hsh & ix.mask
     while ix.slots[h] != 0:
         h = (h + 1) & ix.mask
-    ix.slots[h] = (hsh & IX_TAG_MASK) | value
+    ix.slots[h] = ix_tag(hsh) | value
     ix.count += 1
 
 
@@ -224,7 +240,7 @@ cdef void ix_delete(Index* ix, uint64_t key, uint64_t value) noexcept nogil:
         s = ix.slots[j]
         if s == 0:
             break
-        k = mix64(ix_key(ix, s & IX_VALUE_MASK)) & ix.mask
+        k = slot_home(ix, j, s)
         # Leave s where it is if its home k lies cyclically in (i, j].
         if i <= j:
             if i < k and k <= j:
@@ -1008,6 +1024,7 @@ cdef void decide_one(State* S, Request* r, Answer* ans, int64_t now) noexcept no
 cdef int PREFETCH_SLOTS = 24   # requests ahead: index slots
 cdef int PREFETCH_ROWS = 12    # requests ahead: rows the slots point at
 cdef int PREFETCH_RINGS = 4    # requests ahead: fraud rings of those rows
+cdef int EVICT_SLOTS = 32      # evictions ahead: the evicted entry's home slot
 
 
 cdef inline uint64_t* slot_of(Index* ix, uint64_t key) noexcept nogil:
@@ -1176,6 +1193,29 @@ def _pow2_at_least(n):
     while p < n:
         p <<= 1
     return p
+
+
+cdef uint64_t _index_errors(Index* ix) noexcept nogil:
+    """Slots whose stored tag disagrees with their key: each entry's home
+    (from its key) must equal slot_home, and no empty slot may lie between
+    them (the probe chain)."""
+    cdef uint64_t p, s, home, q
+    cdef uint64_t bad = 0
+    for p in range(ix.mask + 1):
+        s = ix.slots[p]
+        if s == 0:
+            continue
+        home = mix64(ix_key(ix, s & IX_VALUE_MASK)) & ix.mask
+        if home != slot_home(ix, p, s) or (s & ~IX_VALUE_MASK) != ix_tag(mix64(ix_key(ix, s & IX_VALUE_MASK))):
+            bad += 1
+            continue
+        q = home
+        while q != p:
+            if ix.slots[q] == 0:
+                bad += 1
+                break
+            q = (q + 1) & ix.mask
+    return bad
 
 
 # --- the Python-facing kernel -------------------------------------------------
@@ -1385,24 +1425,38 @@ cdef class Kernel:
         return new
 
     cdef void _evict(self, bint holds, uint64_t count) noexcept nogil:
-        """Forget the oldest ``count`` entries (closed holds only)."""
+        """Forget the oldest ``count`` entries (closed holds only).
+
+        In steady state (rings full) this runs for every request, so it is
+        pipelined like deciding: the entries to evict are known in advance
+        (the ring is in order), so their slots are prefetched EVICT_SLOTS
+        ahead; deleting reads no rows (see slot_home).
+        """
         cdef State* S = &self.S
-        cdef Hold* h
-        cdef Remembered* m
-        cdef uint64_t k
+        cdef Index* ix = &S.hold_index if holds else &S.remembered_index
+        cdef uint64_t head = S.hold_head if holds else S.remembered_head
+        cdef uint64_t tail = S.hold_tail if holds else S.remembered_tail
+        cdef uint64_t k, seq
+        count = min(count, tail - head)
         for k in range(count):
+            seq = head + k
+            if seq + EVICT_SLOTS < tail:
+                ac_prefetch(slot_of(ix, self._ring_id(holds, seq + EVICT_SLOTS)))
             if holds:
-                h = &S.holds[S.hold_head & S.hold_rowmask]
-                if h.state == HS_OPEN:
+                if S.holds[seq & S.hold_rowmask].state == HS_OPEN:
                     break
-                ix_delete(&S.hold_index, h.id, ring_value(S.hold_head))
-                S.hold_head += 1
+                ix_delete(ix, S.holds[seq & S.hold_rowmask].id, ring_value(seq))
+                S.hold_head = seq + 1
                 if S.hold_expire < S.hold_head:
                     S.hold_expire = S.hold_head
             else:
-                m = &S.remembered[S.remembered_head & S.remembered_rowmask]
-                ix_delete(&S.remembered_index, m.id, ring_value(S.remembered_head))
-                S.remembered_head += 1
+                ix_delete(ix, S.remembered[seq & S.remembered_rowmask].id, ring_value(seq))
+                S.remembered_head = seq + 1
+
+    cdef inline uint64_t _ring_id(self, bint holds, uint64_t seq) noexcept nogil:
+        if holds:
+            return self.S.holds[seq & self.S.hold_rowmask].id
+        return self.S.remembered[seq & self.S.remembered_rowmask].id
 
     def reserve(self, uint64_t n):
         """Make room for n more requests: each may add one row everywhere.
@@ -1632,4 +1686,9 @@ cdef class Kernel:
         assert S.account_index.count == S.account_count
         assert S.hold_index.count == S.hold_tail - S.hold_head
         assert S.remembered_index.count == S.remembered_tail - S.remembered_head
+        cdef Index* ixs[4]
+        ixs[0], ixs[1], ixs[2], ixs[3] = &S.account_index, &S.hold_index, &S.remembered_index, &S.merchant_index
+        for k, name in enumerate(("account", "hold", "remembered", "merchant")):
+            bad = _index_errors(ixs[k])
+            assert bad == 0, f"{name} index: {bad} slots off their key's probe chain or with a wrong tag"
         return True

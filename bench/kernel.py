@@ -7,6 +7,16 @@ and a digest of the answers are printed so a speed-up cannot quietly change
 behaviour.
 
     python bench/kernel.py --accounts 1000000 --batch 8192 --seconds 10
+    python bench/kernel.py --accounts 1000000 --steady
+
+Two states are measured:
+
+- default, a fresh host: the id and hold tables are presized (and
+  prefaulted) for the whole run, so nothing grows or is evicted while timed;
+- ``--steady``, a host that has run for a while: bounded memories
+  (``--ids-max``, ``--holds-max``) full and evicting one entry per new one,
+  holds expiring after ``--hold-ttl`` simulated seconds, reached by an
+  untimed warm-up.  This is the state a long-running host lives in.
 
 Last line: one JSON object (ops_per_s, auth_per_s, accounts, batch,
 bytes_per_account, ...).
@@ -35,6 +45,11 @@ merchants_count = 10_000
 sim_t0_us = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 sim_us_per_request = 10
 digest_batches = 32  # answers digested: the same on every run with one seed
+presize_rate = 5_000_000  # ops/s a fresh run's tables are presized for (no growth while timed)
+steady_ids_max = 1 << 23  # --steady defaults: bounded memories that fill within seconds
+steady_holds_max = 1 << 22
+steady_hold_ttl_s = 20  # simulated: ~1.6M holds open at 10 µs per request
+steady_warmup_max_batches = 10_000
 currency = 156
 # The mix (fractions of a batch): mostly authorisations, as at a wallet host.
 MIX = {"authorize": 0.70, "purchase": 0.10, "capture": 0.08, "void": 0.04, "transfer": 0.05, "deposit": 0.03}
@@ -96,29 +111,46 @@ def state_bytes(eng: Engine) -> int:
     return total
 
 
-def run(accounts: int, batch: int, seconds: float, seed: int = 7, fraud: bool = True, cold: bool = False) -> dict:
-    cfg = Config.default()
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def bench_config(accounts: int, seconds: float, fraud: bool, steady: bool, ids_max: int | None,
+                 holds_max: int | None, hold_ttl: int | None) -> Config:
+    """Tables sized so nothing grows while timed (fresh) or at the bounds (steady)."""
+    if steady:
+        ids_max = ids_max or steady_ids_max
+        holds_max = holds_max or steady_holds_max
+        hold_ttl = hold_ttl or steady_hold_ttl_s
+        ids_initial, holds_initial = ids_max, holds_max
+    else:
+        d = Config.default().engine
+        ids_max = ids_max or d.idempotency_ids_max
+        holds_max = holds_max or d.holds_retained_max
+        need = int(presize_rate * seconds) + accounts * 2  # the run plus the opening batches
+        ids_initial = min(ids_max, pow2_at_least(need))
+        holds_initial = min(holds_max, pow2_at_least(need))
+    tree: dict = {"engine": {"accounts_initial": accounts, "ids_initial": ids_initial,
+                             "holds_initial": holds_initial, "idempotency_ids_max": ids_max,
+                             "holds_retained_max": holds_max}}
+    if hold_ttl:
+        tree["hold_ttl_seconds"] = hold_ttl
     if not fraud:
-        cfg = Config.from_dict({"fraud": {"enabled": False}})
-    # Simulated time: every request advances the clock 10 µs (a 100k/s
-    # peak), so fraud windows see a realistic history and the answers (and
-    # their digest) are the same on every run with the same seed.
-    sim = {"t": sim_t0_us}
-    eng = Engine(cfg, presize=True, clock=lambda: sim["t"])  # sizes as `authcore serve`
-    t0 = time.perf_counter()
-    open_accounts(eng, accounts, batch)
-    if not cold:
-        eng.prefault()  # steady state: a long-running host has touched its tables
-    setup_s = time.perf_counter() - t0
-    rng = np.random.default_rng(seed)
-    templates = make_templates(rng, accounts, batch)
-    digest = hashlib.blake2b(digest_size=16)
-    ops = auths = 0
-    status_counts = np.zeros(len(Status), np.int64)
-    i = 0
-    elapsed = 0.0
-    while elapsed < seconds:
-        r, hold_ops = templates[i % templates_count]
+        tree["fraud"] = {"enabled": False}
+    return Config.from_dict(tree)
+
+
+class Stream:
+    """The batches of a run: templates with fresh ids, rotated accounts."""
+
+    def __init__(self, accounts: int, batch: int, seed: int):
+        self.accounts, self.batch = accounts, batch
+        self.templates = make_templates(np.random.default_rng(seed), accounts, batch)
+        self.i = 0
+
+    def next(self) -> np.ndarray:
+        i, batch, accounts = self.i, self.batch, self.accounts
+        r, hold_ops = self.templates[i % templates_count]
         spenders = ~hold_ops
         transfers = r["op"] == Op.transfer
         reqs = r.copy()
@@ -130,9 +162,51 @@ def run(accounts: int, batch: int, seconds: float, seed: int = 7, fraud: bool = 
         reqs["account"][spenders] = accs
         tos = (reqs["to"][transfers] - np.uint64(1) + shift) % np.uint64(accounts) + np.uint64(1)
         reqs["to"][transfers] = tos
+        self.i += 1
+        return reqs
+
+
+def run(accounts: int, batch: int, seconds: float, seed: int = 7, fraud: bool = True, cold: bool = False,
+        steady: bool = False, ids_max: int | None = None, holds_max: int | None = None,
+        hold_ttl: int | None = None) -> dict:
+    cfg = bench_config(accounts, seconds, fraud, steady, ids_max, holds_max, hold_ttl)
+    # Simulated time: every request advances the clock 10 µs (a 100k/s
+    # peak), so fraud windows see a realistic history and the answers (and
+    # their digest) are the same on every run with the same seed.
+    sim = {"t": sim_t0_us}
+    eng = Engine(cfg, clock=lambda: sim["t"])
+    k = eng._kernel
+    t0 = time.perf_counter()
+    open_accounts(eng, accounts, batch)
+    if not cold:
+        eng.prefault()  # a long-running host has touched its tables
+    setup_s = time.perf_counter() - t0
+    stream = Stream(accounts, batch, seed)
+    # One untimed batch sizes the small tables (merchants, cards) for a batch.
+    sim["t"] += batch * sim_us_per_request
+    k.decide(stream.next(), eng._stamp(batch))
+    warmup = 1
+    if steady:  # until both memories are at their bounds and evicting
+        while warmup < steady_warmup_max_batches:
+            c = k.counters()
+            if (c["remembered_head"] > 0 and c["hold_head"] > 0):
+                break
+            sim["t"] += batch * sim_us_per_request
+            k.decide(stream.next(), eng._stamp(batch))
+            warmup += 1
+        else:
+            raise SystemExit("--steady: the memories did not fill; lower --ids-max/--holds-max")
+    sizes_before = {n: len(t) for n, t in k.tables().items()}
+    digest = hashlib.blake2b(digest_size=16)
+    ops = auths = 0
+    status_counts = np.zeros(len(Status), np.int64)
+    i = 0
+    elapsed = 0.0
+    while elapsed < seconds:
+        reqs = stream.next()
         sim["t"] += batch * sim_us_per_request
         t = time.perf_counter()
-        ans = eng._kernel.decide(reqs, eng._stamp(batch))
+        ans = k.decide(reqs, eng._stamp(batch))
         elapsed += time.perf_counter() - t
         ops += batch
         auths += int(((reqs["op"] == Op.authorize) | (reqs["op"] == Op.purchase)).sum())
@@ -140,6 +214,7 @@ def run(accounts: int, batch: int, seconds: float, seed: int = 7, fraud: bool = 
         if i < digest_batches:  # a fixed prefix: runs are timed, not counted
             digest.update(ans.tobytes())
         i += 1
+    grown = sorted(n for n, t in k.tables().items() if len(t) != sizes_before[n])
     nbytes = state_bytes(eng)
     return {
         "ops_per_s": round(ops / elapsed),
@@ -149,8 +224,15 @@ def run(accounts: int, batch: int, seconds: float, seed: int = 7, fraud: bool = 
         "seconds": round(elapsed, 3),
         "fraud": fraud,
         "cold": cold,
-        "bytes_per_account": round(eng._kernel.state_views()[0]["accounts"].nbytes / accounts, 1),
+        "steady": steady,
+        "warmup_batches": warmup,
+        "ids_max": cfg.engine.idempotency_ids_max,
+        "holds_max": cfg.engine.holds_retained_max,
+        "hold_ttl_seconds": cfg.hold_ttl_seconds,
+        "tables_grown_while_timed": grown,
+        "bytes_per_account": round(k.state_views()[0]["accounts"].nbytes / accounts, 1),
         "state_bytes_per_account": round(nbytes / accounts, 1),
+        "table_bytes": sum(t.nbytes for t in k.tables().values()),
         "setup_s": round(setup_s, 2),
         "statuses": {Status(s).name: int(c) for s, c in enumerate(status_counts) if c},
         "answers_digest": digest.hexdigest(),
@@ -165,8 +247,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-fraud", action="store_true")
     ap.add_argument("--cold", action="store_true", help="no prefault: include first-touch page faults")
+    ap.add_argument("--steady", action="store_true", help="memories full and evicting, holds expiring (warm-up first)")
+    ap.add_argument("--ids-max", type=int, help="engine.idempotency_ids_max (default: config's, or 2^23 with --steady)")
+    ap.add_argument("--holds-max", type=int, help="engine.holds_retained_max (default: config's, or 2^22 with --steady)")
+    ap.add_argument("--hold-ttl", type=int, help="hold_ttl_seconds, simulated (default: config's, or 20 with --steady)")
     a = ap.parse_args()
-    print(json.dumps(run(a.accounts, a.batch, a.seconds, a.seed, not a.no_fraud, a.cold)))
+    print(json.dumps(run(a.accounts, a.batch, a.seconds, a.seed, not a.no_fraud, a.cold, a.steady, a.ids_max,
+                         a.holds_max, a.hold_ttl)))
 
 
 if __name__ == "__main__":

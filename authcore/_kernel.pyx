@@ -137,6 +137,7 @@ cdef uint16_t MCC_MAX = C.mcc_max
 cdef uint64_t PROBE_MAX = C.activity_probe_max
 cdef uint64_t ROWS_INITIAL = C.table_rows_initial
 cdef size_t PAGE_BYTES = 4096      # smallest page: prefault touches one byte in each
+cdef size_t PREFAULT_ROWS_AHEAD = 1 << 20  # unused rows of a row table that prefault touches
 HUGE_PAGE_BYTES = 2 << 20          # x86-64 transparent huge page
 CACHE_LINE_BYTES = 64
 # An activity row is one header word, the velocity ring, then the card ring,
@@ -1024,7 +1025,7 @@ cdef void decide_one(State* S, Request* r, Answer* ans, int64_t now) noexcept no
 cdef int PREFETCH_SLOTS = 24   # requests ahead: index slots
 cdef int PREFETCH_ROWS = 12    # requests ahead: rows the slots point at
 cdef int PREFETCH_RINGS = 4    # requests ahead: fraud rings of those rows
-cdef int EVICT_SLOTS = 32      # evictions ahead: the evicted entry's home slot
+cdef int EVICT_SLOTS = 16      # evictions ahead: the evicted entry's home slot
 
 
 cdef inline uint64_t* slot_of(Index* ix, uint64_t key) noexcept nogil:
@@ -1504,11 +1505,22 @@ cdef class Kernel:
         costs milliseconds on this VM).  Not ``a[::4096] = a[::4096]``:
         numpy skips a copy onto itself, so that touched nothing."""
         cdef cnp.ndarray a
-        for arr in self.tables().values():
+        cdef State* S = &self.S
+        cdef size_t nbytes
+        # Row tables fill from the front: touch the used rows and the next
+        # PREFAULT_ROWS_AHEAD, not a presized capacity that may never be used
+        # (100M accounts round up to 2^27 rows: 17 GB each for the accounts
+        # and their fraud rings).  Rings and indexes are used all over.
+        used = {"accounts": S.account_count, "activity": S.act_high, "merchants": S.merchant_count,
+                "cards": S.card_count}
+        for name, arr in self.tables().items():
             a = arr
             assert a.flags.c_contiguous
+            nbytes = <size_t>cnp.PyArray_NBYTES(a)
+            if name in used:
+                nbytes = min(nbytes, <size_t>(used[name] + PREFAULT_ROWS_AHEAD) * <size_t>(a.strides[0]))
             with nogil:
-                ac_touch(<char*>cnp.PyArray_DATA(a), <size_t>cnp.PyArray_NBYTES(a), PAGE_BYTES)
+                ac_touch(<char*>cnp.PyArray_DATA(a), nbytes, PAGE_BYTES)
 
     # -- deciding ------------------------------------------------------------
 

@@ -59,6 +59,9 @@ assert abs(sum(MIX.values()) - 1.0) < 1e-9
 def open_accounts(eng: Engine, n: int, batch: int) -> None:
     """Open n wallets (ids 1..n) and fund them generously."""
     step = C.batch_count_max // 2  # open + deposit per account in one batch
+    # Deposits debit the settlement account, which must stay inside the
+    # balance bound: at most half of it in total.
+    funding = min(10**11, C.balance_bound // (2 * n))
     for start in range(0, n, step):
         ids = np.arange(start + 1, min(n, start + step) + 1, dtype=np.uint64)
         reqs = np.zeros(len(ids) * 2, REQUEST_DTYPE)
@@ -70,7 +73,7 @@ def open_accounts(eng: Engine, n: int, batch: int) -> None:
         reqs["op"][len(ids):] = Op.deposit
         reqs["id"][len(ids):] = (1 << 61) + ids
         reqs["account"][len(ids):] = ids
-        reqs["amount"][len(ids):] = 10**11  # 10^8 accounts x 10^11 stays inside ±2^62
+        reqs["amount"][len(ids):] = funding
         ans = eng.submit(reqs)
         assert (ans["status"] == Status.approved).all()
 
@@ -127,9 +130,9 @@ def bench_config(accounts: int, seconds: float, fraud: bool, steady: bool, ids_m
         d = Config.default().engine
         ids_max = ids_max or d.idempotency_ids_max
         holds_max = holds_max or d.holds_retained_max
-        need = int(presize_rate * seconds) + accounts * 2  # the run plus the opening batches
-        ids_initial = min(ids_max, pow2_at_least(need))
-        holds_initial = min(holds_max, pow2_at_least(need))
+        run = int(presize_rate * seconds)
+        ids_initial = min(ids_max, pow2_at_least(run + accounts * 2))  # the run and the opening batches
+        holds_initial = min(holds_max, pow2_at_least(run))
     tree: dict = {"engine": {"accounts_initial": accounts, "ids_initial": ids_initial,
                              "holds_initial": holds_initial, "idempotency_ids_max": ids_max,
                              "holds_retained_max": holds_max}}

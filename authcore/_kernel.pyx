@@ -1499,6 +1499,21 @@ cdef class Kernel:
                 "remembered_slots": self.remembered_slots, "merchant_slots": self.merchant_slots,
                 "card_slots": self.card_slots}
 
+    def grow_memories(self, uint64_t n):
+        """Make room in the id and hold rings (and their indexes) for ``n``
+        more entries, up to their bounds, in one step.  Evicts nothing, so
+        answers cannot change: replay calls it with the log's request count
+        instead of doubling (copy + rehash) its way up batch by batch."""
+        cdef State* S = &self.S
+        need_h = min(S.hold_tail - S.hold_head + n, self.holds_retained_max)
+        need_r = min(S.remembered_tail - S.remembered_head + n, self.remembered_max)
+        self.holds = self._grow_ring(self.holds, S.hold_head, S.hold_tail, need_h)
+        self.remembered = self._grow_ring(self.remembered, S.remembered_head, S.remembered_tail, need_r)
+        self._bind()
+        self.hold_slots = self._rehash(&S.hold_index, self.hold_slots, need_h)
+        self.remembered_slots = self._rehash(&S.remembered_index, self.remembered_slots, need_r)
+        self._bind()
+
     def prefault(self):
         """Touch every page of every table now, keeping contents, so that
         deciding never pays first-touch page faults (a 2 MiB huge-page fault

@@ -129,6 +129,11 @@ class Engine:
             self._log.log_batch(stamp0, requests)
         return self._kernel.decide(requests, stamp0)
 
+    def expect_requests(self, n: int) -> None:
+        """Size the id and hold memories for ``n`` requests to come (replay
+        knows the log's length); answers are unaffected."""
+        self._kernel.grow_memories(n)
+
     def replay_batch(self, stamp0: int, requests: np.ndarray) -> np.ndarray:
         """Decide a batch that is already in the log, at its logged stamps."""
         assert stamp0 > self.last_stamp, (stamp0, self.last_stamp)

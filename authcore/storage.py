@@ -448,6 +448,7 @@ def _recover_into(
         first = scan.segments[0][1] if scan.segments else wal_dir
         raise CorruptLog(first, 0, f"the log starts at sequence {scan.first_seq} and no valid snapshot covers the records before it")
     apply = on_config or engine.apply_logged_config
+    engine.expect_requests(scan.requests)  # an upper bound for the tail: grow once, not by doubling
     for rec in W.read_records(wal_dir, start_seq=start_seq, stop_seq=scan.last_seq, prev_crc=prev_crc):
         if rec.kind == W.KIND_BATCH:
             reqs = rec.requests()

@@ -1026,6 +1026,7 @@ cdef int PREFETCH_SLOTS = 24   # requests ahead: index slots
 cdef int PREFETCH_ROWS = 12    # requests ahead: rows the slots point at
 cdef int PREFETCH_RINGS = 4    # requests ahead: fraud rings of those rows
 cdef int EVICT_SLOTS = 16      # evictions ahead: the evicted entry's home slot
+cdef int REBUILD_AHEAD = 16    # rows ahead when an index is rebuilt from a snapshot
 
 
 cdef inline uint64_t* slot_of(Index* ix, uint64_t key) noexcept nogil:
@@ -1686,12 +1687,22 @@ cdef class Kernel:
         S.remembered_index.count = 0
         S.merchant_index.count = 0
         S.card_index.count = 0
+        # Keys come in row order, slots at random: prefetch the slot of the
+        # key REBUILD_AHEAD rows on (a snapshot of 10M accounts and 20M ids
+        # is 30M inserts, each otherwise a serial cache miss).
         with nogil:
             for i in range(S.account_count):
+                if i + REBUILD_AHEAD < S.account_count:
+                    ac_prefetch(slot_of(&S.account_index, S.accounts[i + REBUILD_AHEAD].id))
                 ix_insert(&S.account_index, S.accounts[i].id, i + 1)
             for i in range(S.hold_head, S.hold_tail):
+                if i + REBUILD_AHEAD < S.hold_tail:
+                    ac_prefetch(slot_of(&S.hold_index, S.holds[(i + REBUILD_AHEAD) & S.hold_rowmask].id))
                 ix_insert(&S.hold_index, S.holds[i & S.hold_rowmask].id, ring_value(i))
             for i in range(S.remembered_head, S.remembered_tail):
+                if i + REBUILD_AHEAD < S.remembered_tail:
+                    ac_prefetch(slot_of(&S.remembered_index,
+                                        S.remembered[(i + REBUILD_AHEAD) & S.remembered_rowmask].id))
                 ix_insert(&S.remembered_index, S.remembered[i & S.remembered_rowmask].id, ring_value(i))
             for i in range(S.merchant_count):
                 ix_insert(&S.merchant_index, <uint64_t>S.merchants[i * S.merchant_width], i + 1)

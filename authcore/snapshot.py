@@ -64,6 +64,7 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIQQII24x")
 header_size = 64
 array_align = 4096  # page-aligned arrays: mmap-able, and O_DIRECT-friendly later.
+huge_page_bytes = 2 << 20  # x86-64 transparent huge page
 write_chunk_bytes = 64 << 20  # bounded reads (Linux caps one call at ~2 GiB).
 staging_bytes = 8 << 20  # aligned bounce buffer for O_DIRECT writes.
 toc_bytes_max = 64 << 20  # a TOC is a few KiB; anything near this is damage.
@@ -307,6 +308,10 @@ def _read_array(fd: int, direct: bool, offset: int, nbytes: int) -> tuple[np.nda
     """``nbytes`` at ``offset`` into a fresh page-aligned buffer; (bytes, CRC32C)."""
     size = _align(nbytes) if direct else nbytes
     buf = mmap.mmap(-1, max(size, 1))  # page-aligned: O_DIRECT's rule
+    if hasattr(mmap, "MADV_HUGEPAGE") and size >= huge_page_bytes:
+        # 2 MiB pages: reading GBs into 4 KiB pages spent more time in page
+        # faults than on the disk (0.3-0.65 GB/s against dd's 1-1.8 GB/s).
+        buf.madvise(mmap.MADV_HUGEPAGE)
     view = memoryview(buf)
     got = 0
     while got < size:

@@ -36,9 +36,11 @@ from .wal import Unavailable
 
 digest_version = b"authcore-state-v2"  # v2: activity rows packed into whole cache lines
 # What `authcore serve` allocates when the config leaves sizes automatic:
-# enough for a load test's first minute without a growth pause, and only
-# virtual memory until used (np.zeros is calloc).
-server_sizes_initial = {"accounts": 1 << 20, "holds": 1 << 22, "ids": 1 << 24}
+# enough for ~20 s of a load test at 1M requests/s without a growth pause
+# (a doubling of 2^22 holds stopped the server for ~1 s), and only virtual
+# memory until used (calloc): a ring fills from the front, an index as
+# entries arrive.
+server_sizes_initial = {"accounts": 1 << 20, "holds": 1 << 24, "ids": 1 << 25}
 
 
 class Log(Protocol):

@@ -1313,10 +1313,15 @@ cdef class Kernel:
 
     def set_rules(self, dict d):
         """Change decision settings (a CONFIG log record).  Rings are rebuilt
-        only if their widths change, which forgets recent attempts."""
-        old_act, old_m = self.S.act_width, self.S.merchant_width
+        only if their sizes change, which forgets recent attempts.  The
+        activity row's width is padded to whole cache lines, so compare the
+        ring sizes, not the width: (3, 3) -> (5, 2) keeps 8 words, and old
+        ring positions would then index past the new card ring into the
+        next account's row."""
+        old_rings = (self.S.rules.velocity_attempts, self.S.rules.card_attempts)
+        old_m = self.S.merchant_width
         self._set_rules(d)
-        if self.S.act_width != old_act:
+        if (self.S.rules.velocity_attempts, self.S.rules.card_attempts) != old_rings:
             self.act = _table((len(self.act), self.S.act_width), np.int64)
             self.S.act_high = 0
             self.S.act_hand = 0

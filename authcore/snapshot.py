@@ -311,7 +311,10 @@ def _read_array(fd: int, direct: bool, offset: int, nbytes: int) -> tuple[np.nda
     if hasattr(mmap, "MADV_HUGEPAGE") and size >= huge_page_bytes:
         # 2 MiB pages: reading GBs into 4 KiB pages spent more time in page
         # faults than on the disk (0.3-0.65 GB/s against dd's 1-1.8 GB/s).
-        buf.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: EINVAL
+            pass
     view = memoryview(buf)
     got = 0
     while got < size:

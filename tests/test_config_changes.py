@@ -62,3 +62,37 @@ def test_lowered_hold_ttl_still_expires_holds(tmp_path):
     assert eng.execute({"op": "capture", "id": 6, "auth": 3})["status"] == "auth_closed"
     assert eng.query(1)["held"] == 0
     assert eng.verify()
+
+
+def test_changed_ring_sizes_rebuild_the_fraud_rings_even_at_the_same_row_width():
+    """(3, 3) -> (5, 2) attempts keep the padded row at 8 words; the old ring
+    positions must not be reused (they pointed past the new card ring, into
+    the next account's row)."""
+    t = [T0]
+    clock = lambda: t[0]  # noqa: E731
+
+    def rules(velocity: int, card: int) -> dict:
+        return Config.from_dict({"fraud": {"velocity": {"attempts": velocity},
+                                           "card_testing": {"attempts": card}}}).decision_dict()
+
+    eng = Engine(Config.from_dict({"fraud": {"velocity": {"attempts": 3}, "card_testing": {"attempts": 3}}}),
+                 clock=clock, pan_key=b"k" * 32)
+    rid = iter(range(1, 1000))
+    for acc in (1, 2):
+        eng.execute({"op": "open", "id": next(rid), "account": acc, "currency": 156})
+        eng.execute({"op": "deposit", "id": next(rid), "account": acc, "amount": 10**6})
+
+    def small(acc: int) -> dict:
+        t[0] += C.us_per_s
+        return eng.execute({"op": "authorize", "id": next(rid), "account": acc, "amount": 100, "currency": 156,
+                            "merchant": 9})
+
+    small(1), small(1), small(2)
+    assert eng.counters()["act_high"] == 2
+    eng.set_decision_config(rules(5, 2))
+    assert eng.counters()["act_high"] == 0  # recent attempts forgotten, rows rebuilt
+    # the new card_testing ring: the third small attempt sees two before it
+    assert [small(1)["review"] for _ in range(3)] == [False, False, True]
+    assert small(2)["review"] is False
+    assert eng.counters()["act_high"] == 2  # account 2 kept to its own row
+    assert eng.verify()

@@ -716,18 +716,30 @@ cdef uint8_t op_transfer(State* S, Request* r, Answer* ans, int64_t now) noexcep
     return st
 
 
+cdef uint8_t named_hold(State* S, Request* r, Answer* ans, bint zero_amount_ok, Hold** out) noexcept nogil:
+    """The checks every request naming a hold starts with, in SPEC order (id
+    and auth, amount, the hold); sets ``out`` (NULL on failure, with the
+    status returned) and the answer's available."""
+    out[0] = NULL
+    if r.id == 0 or r.account == 0:
+        return ST_INVALID_REQUEST
+    if not (amount_ok(r.amount) or (zero_amount_ok and r.amount == 0)):
+        return ST_INVALID_AMOUNT
+    cdef Hold* h = hold_of(S, r.account)
+    if h == NULL:
+        return ST_NO_AUTH
+    set_available(ans, &S.accounts[h.account])
+    out[0] = h
+    return ST_APPROVED
+
+
 cdef uint8_t op_increment(State* S, Request* r, Answer* ans, int64_t now) noexcept nogil:
     cdef Hold* h
     cdef Account* a
-    if r.id == 0 or r.account == 0:
-        return ST_INVALID_REQUEST
-    if not amount_ok(r.amount):
-        return ST_INVALID_AMOUNT
-    h = hold_of(S, r.account)
+    cdef uint8_t st = named_hold(S, r, ans, False, &h)
     if h == NULL:
-        return ST_NO_AUTH
+        return st
     a = &S.accounts[h.account]
-    set_available(ans, a)
     if h.state != HS_OPEN:
         return ST_AUTH_CLOSED
     if a.status != AS_ACTIVE:
@@ -752,15 +764,10 @@ cdef uint8_t op_capture_void(State* S, Request* r, Answer* ans, bint capture) no
     cdef int64_t amount
     cdef int32_t credited
     cdef int64_t* cbal
-    if r.id == 0 or r.account == 0:
-        return ST_INVALID_REQUEST
-    if not (0 <= r.amount <= AMOUNT_MAX):
-        return ST_INVALID_AMOUNT
-    h = hold_of(S, r.account)
+    cdef uint8_t st = named_hold(S, r, ans, True, &h)  # amount 0: the whole remaining
     if h == NULL:
-        return ST_NO_AUTH
+        return st
     a = &S.accounts[h.account]
-    set_available(ans, a)
     if h.state != HS_OPEN:
         return ST_AUTH_CLOSED
     if r.amount > h.remaining:
@@ -792,15 +799,10 @@ cdef uint8_t op_refund(State* S, Request* r, Answer* ans) noexcept nogil:
     cdef Hold* h
     cdef Account* a
     cdef int64_t* cbal
-    if r.id == 0 or r.account == 0:
-        return ST_INVALID_REQUEST
-    if not amount_ok(r.amount):
-        return ST_INVALID_AMOUNT
-    h = hold_of(S, r.account)
+    cdef uint8_t st = named_hold(S, r, ans, False, &h)
     if h == NULL:
-        return ST_NO_AUTH
+        return st
     a = &S.accounts[h.account]
-    set_available(ans, a)
     if h.state != HS_CAPTURED:
         return ST_NOT_CAPTURED
     if a.status == AS_CLOSED:

@@ -8,6 +8,7 @@ built; once it exists, an import error is a failure, never a skip.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import subprocess
@@ -134,6 +135,19 @@ def tiny_fs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(path):
+    """Write a file until ENOSPC; returns its path."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return path
 
 
 def start_server(config=None, clock=None):

@@ -13,7 +13,6 @@ during the load, so kills also hit snapshot children.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import kernel_built
+from conftest import fill_disk, kernel_built
 
 pytestmark = pytest.mark.skipif(not kernel_built(), reason="authcore._kernel is not built yet")
 
@@ -191,15 +190,7 @@ def test_engine_on_a_full_disk_answers_unavailable_then_resumes(tiny_fs):
     wl = Workload(3, 50)
     for b in wl.setup():
         eng.submit(b)
-    filler = tiny_fs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        while True:
-            os.write(fd, b"x" * 4096)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+    filler = fill_disk(tiny_fs / "filler")
     acked = 0
     with pytest.raises(Unavailable):
         for _ in range(1000):  # the preallocated segment fills, then a new one cannot be made

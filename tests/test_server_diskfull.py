@@ -6,7 +6,6 @@ a socket with the real storage on a 1 MiB tmpfs (root only)."""
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 from authcore.client import Client
 from authcore.config import Config
 from authcore.server import ServerThread
+from conftest import fill_disk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,15 +33,7 @@ def test_disk_full_answers_unavailable_stays_up_resumes_and_verifies(tiny_fs):
     with ServerThread(data_dir=data, config=cfg) as s:
         with Client("127.0.0.1", s.ports["json"], "json") as c:
             assert c.open_account(id=1, account=1, currency=978)["status"] == "approved"
-            filler = tiny_fs / "filler"
-            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                while True:
-                    os.write(fd, b"x" * 4096)
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-            finally:
-                os.close(fd)
+            filler = fill_disk(tiny_fs / "filler")
             next_id, unavailable = 100, None
             for _ in range(400):  # the preallocated segment fills, then no new one can be made
                 batch = [{"op": "deposit", "id": next_id + i, "account": 1, "amount": 1} for i in range(50)]

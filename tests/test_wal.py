@@ -12,6 +12,7 @@ import pytest
 
 from authcore import wal as W
 from authcore.constants import REQUEST_DTYPE
+from conftest import fill_disk
 
 SEG = 16 * 1024  # small segments so that rotation happens in tests
 
@@ -546,19 +547,6 @@ def test_segment_creation_failure_is_unavailable_then_resumes(tmp_path, rng):
     w.close()
     assert [s for s, _ in W.list_segments(tmp_path)] == [1, 2]
     assert [r.seq for r in read_all(tmp_path)] == [1, 2]
-
-
-def fill_disk(path):
-    """Write a file until ENOSPC; returns its path."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        while True:
-            os.write(fd, b"x" * 4096)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return path
 
 
 def test_real_disk_full_on_tiny_tmpfs(tiny_fs, rng):

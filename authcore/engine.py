@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 from typing import Any, Callable, Protocol
 
@@ -25,7 +26,7 @@ from .constants import ANSWER_DTYPE, REQUEST_DTYPE, AccountStatus, HoldState, Ki
 from .records import answer_json, answers_to_json, requests_from_json
 
 try:
-    from ._kernel import Kernel
+    from ._kernel import Kernel, populate
 except ImportError as e:  # pragma: no cover - a source checkout without a build
     raise ImportError(
         "authcore's Cython kernel is not built: run `pip install -e .` "
@@ -209,12 +210,42 @@ class Engine:
         return arrays, meta
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Install an exported state (copied; ``arrays`` stay the caller's)."""
+
+        def copy_into(dests: dict[str, list[np.ndarray]]) -> None:
+            for name, pieces in dests.items():
+                flat = np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)
+                at = 0
+                for piece in pieces:
+                    piece[:] = flat[at : at + len(piece)]
+                    at += len(piece)
+                assert at == len(flat), name
+
+        self.load_state_from({k: (a.dtype, a.shape) for k, a in arrays.items()}, meta, copy_into)
+
+    def load_state_from(self, specs: dict[str, tuple[Any, tuple[int, ...]]], meta: dict[str, Any],
+                        fill: Callable[[dict[str, list[np.ndarray]]], None]) -> None:
+        """Install a state whose arrays have ``specs`` (name -> (dtype,
+        shape)); ``fill(dests)`` writes each array's bytes into its views
+        (a snapshot read straight into the new tables).  If ``fill`` raises,
+        the engine is unchanged."""
         layout = meta.get("digest_version")
         if layout != digest_version.decode():
             raise ValueError(f"state layout {layout!r}; this build reads {digest_version.decode()!r}")
+        tables, dests = self._kernel.stage_import(specs, meta["counters"])
+        # A second core faults the new tables in ahead of the reader, in the
+        # order it fills them, then the index slots the install fills.
+        order = [p for pieces in dests.values() for p in pieces]
+        order += [t for name, t in tables.items() if name.endswith("_slots")]
+        helper = threading.Thread(target=populate, args=(order,), name="authcore-populate", daemon=True)
+        helper.start()
+        try:
+            fill(dests)
+        finally:
+            helper.join()
         if meta.get("decision"):
             self.apply_logged_config({"decision": meta["decision"], "engine": meta.get("memory")})
-        self._kernel.import_state(arrays, meta["counters"])
+        self._kernel.install_import(tables, meta["counters"])
         self.last_stamp = int(meta["last_stamp"])
 
     def digest(self) -> str:

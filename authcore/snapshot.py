@@ -67,13 +67,14 @@ array_align = 4096  # page-aligned arrays: mmap-able, and O_DIRECT-friendly late
 huge_page_bytes = 2 << 20  # x86-64 transparent huge page
 write_chunk_bytes = 64 << 20  # bounded reads (Linux caps one call at ~2 GiB).
 staging_bytes = 8 << 20  # aligned bounce buffer for O_DIRECT writes.
+read_chunk_bytes = 8 << 20  # aligned bounce buffer for reads straight into tables.
 toc_bytes_max = 64 << 20  # a TOC is a few KiB; anything near this is damage.
 
 SNAPSHOT_RE = re.compile(r"^snap-(\d{20})\.snap$")
 
 assert HEADER.size == header_size
 assert array_align % header_size == 0
-assert staging_bytes % array_align == 0
+assert staging_bytes % array_align == 0 and read_chunk_bytes % array_align == 0
 
 
 class SnapshotError(Exception):
@@ -360,6 +361,71 @@ def read_snapshot(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], 
     finally:
         os.close(fd)
     return arrays, info.meta
+
+
+def array_specs(info: SnapshotInfo) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each array's (dtype, shape), from the table of contents."""
+    return {a["name"]: (npformat.descr_to_dtype(_descr(a["descr"])), tuple(a["shape"])) for a in info.arrays}
+
+
+def read_snapshot_into(info: SnapshotInfo, dests: Mapping[str, list[np.ndarray]]) -> None:
+    """Read every array of a snapshot into its destination views (uint8,
+    in the array's byte order), checking each array's CRC32C.
+
+    Reads go through one reused, page-aligned bounce buffer of
+    ``read_chunk_bytes``: ``O_DIRECT`` needs aligned buffers, and the
+    destinations (ring runs) need not be.  Each destination page is
+    written once.  Raises SnapshotError; the destinations are then
+    partly written and must be discarded.
+    """
+    names = {a["name"] for a in info.arrays}
+    if names != set(dests):
+        raise SnapshotError(info.path, f"arrays {sorted(names)}; expected {sorted(dests)}")
+    fd, direct = _open_for_read(info.path)
+    bounce = mmap.mmap(-1, read_chunk_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = memoryview(bounce)
+    chunk = np.frombuffer(bounce, np.uint8)
+    try:
+        for a in info.arrays:
+            pieces = dests[a["name"]]
+            nbytes = a["nbytes"]
+            assert sum(len(p) for p in pieces) == nbytes, a["name"]
+            crc = 0
+            at = 0  # bytes of this array done
+            k = 0  # current piece, and bytes of it filled
+            filled = 0
+            while at < nbytes:
+                want = min(read_chunk_bytes, nbytes - at)
+                size = _align(want) if direct else want
+                got = 0
+                while got < want:
+                    try:
+                        n = os.preadv(fd, [view[got:size]], a["offset"] + at + got)
+                    except OSError as e:
+                        if not direct or e.errno != errno.EINVAL or got:
+                            raise SnapshotError(info.path, f"cannot read array {a['name']}: {e.strerror}") from None
+                        os.close(fd)  # a filesystem without O_DIRECT after all
+                        fd, direct, size = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC), False, want
+                        continue
+                    if n <= 0:
+                        raise SnapshotError(info.path, f"array {a['name']} truncated")
+                    got += n
+                data = chunk[:want]
+                crc = crc32c(data, crc)
+                used = 0
+                while used < want:
+                    piece = pieces[k]
+                    step = min(len(piece) - filled, want - used)
+                    piece[filled : filled + step] = data[used : used + step]
+                    used += step
+                    filled += step
+                    if filled == len(piece):
+                        k, filled = k + 1, 0
+                at += want
+            if crc != a["crc"]:
+                raise SnapshotError(info.path, f"array {a['name']} checksum mismatch")
+    finally:
+        os.close(fd)  # the bounce buffer goes with its last view
 
 
 def _descr(d: Any) -> Any:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import time
@@ -395,8 +396,13 @@ def _in_child(fn: Callable[[], Any]) -> Callable[[], Any]:
 # --- recovery, shared by Storage.recover, verify, replay and backtest --------------------
 
 
-def _choose_snapshot(snap_dir: str, scan: W.LogScan, skipped: list[tuple[str, str]]) -> tuple[int, str, dict[str, np.ndarray], dict[str, Any]] | None:
-    """The newest snapshot that is valid and that the present log continues."""
+def _load_snapshot(engine: Any, snap_dir: str, scan: W.LogScan, skipped: list[tuple[str, str]]) -> tuple[int, str, dict[str, Any]] | None:
+    """Load the newest snapshot that is valid and that the present log
+    continues into ``engine``: (seq, path, meta), or None (engine untouched).
+
+    Each snapshot is read straight into the engine's new tables; one that
+    fails its checksums halfway is dropped and the next one tried.
+    """
     for seq, path in snap.list_snapshots(snap_dir):
         if seq > scan.last_seq:
             skipped.append((path, f"covers sequence {seq}, beyond the log's last record {scan.last_seq}"))
@@ -405,10 +411,11 @@ def _choose_snapshot(snap_dir: str, scan: W.LogScan, skipped: list[tuple[str, st
             skipped.append((path, f"the log records after it (from {seq + 1}) were removed"))
             continue
         try:
-            arrays, meta = snap.read_snapshot(path)
+            info = snap.read_snapshot_info(path)
         except snap.SnapshotError as e:
             skipped.append((path, e.reason))
             continue
+        meta = info.meta
         st = meta.get("storage", {})
         if st.get("wal_seq") != seq or "engine" not in meta:
             skipped.append((path, "snapshot meta does not match its name"))
@@ -417,7 +424,15 @@ def _choose_snapshot(snap_dir: str, scan: W.LogScan, skipped: list[tuple[str, st
         if layout != digest_version.decode():
             skipped.append((path, f"state layout {layout!r}; this build reads {digest_version.decode()!r}"))
             continue
-        return seq, path, arrays, meta
+        try:
+            engine.load_state_from(snap.array_specs(info), meta["engine"], functools.partial(snap.read_snapshot_into, info))
+        except snap.SnapshotError as e:
+            skipped.append((path, e.reason))
+            continue
+        except (ValueError, KeyError, TypeError) as e:  # a TOC whose arrays do not fit this build
+            skipped.append((path, f"unusable arrays: {e}"))
+            continue
+        return seq, path, meta
     return None
 
 
@@ -434,11 +449,10 @@ def _recover_into(
     report = RecoveryReport()
     start_seq, prev_crc = 1, None
     logged: dict[str, Any] | None = None
-    chosen = _choose_snapshot(snap_dir, scan, report.skipped_snapshots) if snap_dir else None
+    t = time.perf_counter()
+    chosen = _load_snapshot(engine, snap_dir, scan, report.skipped_snapshots) if snap_dir else None
     if chosen is not None:
-        t = time.perf_counter()
-        seq, path, arrays, meta = chosen
-        engine.load_state(arrays, meta["engine"])
+        seq, path, meta = chosen
         report.snapshot, report.snapshot_seq = path, seq
         report.snapshot_seconds = time.perf_counter() - t
         start_seq, prev_crc = seq + 1, meta["storage"]["wal_crc"]
@@ -448,7 +462,7 @@ def _recover_into(
         first = scan.segments[0][1] if scan.segments else wal_dir
         raise CorruptLog(first, 0, f"the log starts at sequence {scan.first_seq} and no valid snapshot covers the records before it")
     apply = on_config or engine.apply_logged_config
-    engine.expect_requests(scan.requests)  # an upper bound for the tail: grow once, not by doubling
+    engine.expect_requests(scan.requests_from(start_seq))  # an upper bound for the tail: grow once, not by doubling
     for rec in W.read_records(wal_dir, start_seq=start_seq, stop_seq=scan.last_seq, prev_crc=prev_crc):
         if rec.kind == W.KIND_BATCH:
             reqs = rec.requests()

@@ -265,10 +265,23 @@ class LogScan:
     requests: int
     tail: Tail
     configs: list[tuple[int, bytes]]  # (seq, JSON) of every CONFIG record
+    # (first seq, requests counted before it) at each segment scanned
+    request_marks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def next_seq(self) -> int:
         return self.last_seq + 1
+
+    def requests_from(self, seq: int) -> int:
+        """At most how many requests the records from ``seq`` on hold
+        (exact to the segment holding ``seq``): recovery sizes the id and
+        hold memories for the tail after its snapshot, not the whole log."""
+        before = 0
+        for first, counted in self.request_marks:
+            if first > seq:
+                break
+            before = counted
+        return self.requests - before
 
 
 def list_segments(directory: str | os.PathLike[str]) -> list[tuple[int, str]]:
@@ -349,6 +362,7 @@ class _Walker:
         last_crc = 0
         records = requests = 0
         configs: list[tuple[int, bytes]] = []
+        marks: list[tuple[int, int]] = []
         tail: Tail | None = None
         used: list[tuple[int, str]] = []
         first_k = 0
@@ -362,6 +376,7 @@ class _Walker:
         for k in range(first_k, len(segs)):
             seg_seq, path = segs[k]
             used.append((seg_seq, path))
+            marks.append((seg_seq, requests))
             if seg_seq != expected_seq:
                 tail = self._damage(path, 0, f"segment starts at sequence {seg_seq}, expected {expected_seq}", segs, k, None, expected_seq)
                 break
@@ -461,6 +476,7 @@ class _Walker:
             requests=requests,
             tail=tail,
             configs=configs,
+            request_marks=marks,
         )
 
     def _tail_or_damage(self, path: str, off: int, reason: str, view: memoryview, segs: list, k: int, expected_seq: int) -> Tail:

@@ -342,6 +342,23 @@ def test_prefault_makes_the_tables_resident():
     assert _resident_fraction(remembered) == 1.0
 
 
+@pytest.mark.skipif(sys.platform != "linux" or tuple(map(int, os.uname().release.split(".")[:2])) < (5, 14),
+                    reason="MADV_POPULATE_WRITE is Linux 5.14+")
+def test_populate_makes_pages_resident_without_changing_them():
+    """Recovery faults its new tables in on a second core while the snapshot
+    reader fills them: populate must never write."""
+    from authcore._kernel import populate
+
+    data = np.random.default_rng(14).integers(0, 255, size=3 << 20, dtype=np.uint8)
+    keep = data.copy()
+    fresh = np.zeros(16 << 20, np.uint8)
+    _drop_pages(fresh)
+    assert _resident_fraction(fresh) < 0.05
+    assert populate([data, fresh[7:], fresh[:0]])  # an unaligned start, an empty array
+    assert _resident_fraction(fresh) == 1.0
+    assert (data == keep).all() and not fresh.any()
+
+
 def test_merchant_rows_are_reused_once_stale():
     clock = Clock()
     eng = small_engine(clock)

@@ -151,3 +151,48 @@ def test_job_reaped_elsewhere_is_judged_by_its_file(tmp_path):
     bad = S.fork_snapshot(tmp_path, 5, lambda: 1 / 0)
     os.waitpid(bad.pid, 0)
     assert bad.wait() is False
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_read_into_scattered_destinations(tmp_path, monkeypatch, direct, rng=np.random.default_rng(12)):
+    """read_snapshot_into: every array lands in its pieces in order (ring
+    runs), across many bounce-buffer chunks, with and without O_DIRECT."""
+    monkeypatch.setattr(S, "read_chunk_bytes", 2 * S.array_align)  # many chunks, pieces crossing them
+    if not direct:
+        monkeypatch.delattr(S.os, "O_DIRECT", raising=False)
+    arrays = sample_arrays(rng, n=997)
+    path = S.write_snapshot(tmp_path, 3, arrays, META)
+    info = S.read_snapshot_info(path)
+    assert {k: (d, s) for k, (d, s) in S.array_specs(info).items()} == {k: (a.dtype, a.shape) for k, a in arrays.items()}
+    dests = {}
+    for name, a in arrays.items():
+        n = a.nbytes
+        cuts = sorted(rng.integers(0, n + 1, size=2).tolist()) if n else [0, 0]
+        dests[name] = [np.full(hi - lo, 0x5A, np.uint8) for lo, hi in zip([0] + cuts, cuts + [n])]
+    S.read_snapshot_into(info, dests)
+    for name, a in arrays.items():
+        assert b"".join(p.tobytes() for p in dests[name]) == a.tobytes(), name
+
+
+def test_read_into_detects_damage_and_truncation(tmp_path, rng=np.random.default_rng(13)):
+    arrays = sample_arrays(rng)
+    path = S.write_snapshot(tmp_path, 4, arrays, META)
+    info = S.read_snapshot_info(path)
+
+    def dests():
+        return {name: [np.empty(a.nbytes, np.uint8)] for name, a in arrays.items()}
+
+    with pytest.raises(S.SnapshotError, match="arrays .* expected"):
+        S.read_snapshot_into(info, {k: v for k, v in dests().items() if k != "grid"})
+    idx = info.arrays[2]
+    with open(path, "r+b") as f:
+        f.seek(idx["offset"] + 100)
+        b = f.read(1)
+        f.seek(idx["offset"] + 100)
+        f.write(bytes([b[0] ^ 0x80]))
+    with pytest.raises(S.SnapshotError, match=f"array {idx['name']} checksum mismatch"):
+        S.read_snapshot_into(info, dests())
+    os.truncate(path, idx["offset"] + 50)
+    with pytest.raises(S.SnapshotError, match="truncated"):
+        S.read_snapshot_into(info, dests())
+

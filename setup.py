@@ -44,6 +44,14 @@ extensions = [
         extra_link_args=ldflags,
     ),
     Extension(
+        "authcore.protocols._json_codec",
+        ["authcore/protocols/_json_codec.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=macros,
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    ),
+    Extension(
         "authcore.protocols._iso_codec",
         ["authcore/protocols/_iso_codec.pyx"],
         include_dirs=[np.get_include()],

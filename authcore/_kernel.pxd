@@ -153,3 +153,18 @@ ctypedef struct State:
     int64_t* settlement               # by currency code
     uint8_t* risky_mcc                # [mcc_max + 1]
     Rules rules
+
+
+# authcore.records.auth_code in C (SPEC §10.11): 6 base-36 digits of
+# splitmix64(id), least significant first.  Shared by the protocol codecs;
+# tests check it against the Python reference.
+cdef inline void put_auth_code(uint8_t* out, uint64_t x) noexcept nogil:
+    cdef const char* base36 = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    cdef uint64_t z = x + 0x9E3779B97F4A7C15ULL
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    z = z ^ (z >> 31)
+    cdef int i
+    for i in range(6):
+        out[i] = base36[z % 36]
+        z //= 36

@@ -90,7 +90,9 @@ class Fraud:
 class Durability:
     sync: str = "always"  # "none" is not durable: benchmarks only
     segment_bytes: int = 64 << 20  # log segment size (preallocated)
-    snapshot_interval_records: int = 10_000  # batches between snapshots (0 = never)
+    # Requests logged between snapshots (0 = never): replay cost, and so
+    # recovery time, grows with requests, not with how they were batched.
+    snapshot_interval_requests: int = 5_000_000
     snapshots_kept: int = 2
     log_retention: str = "all"  # "all" keeps every segment (replay needs them); "covered" deletes segments a snapshot covers
 
@@ -218,6 +220,8 @@ class Config:
             raise ConfigError('durability.sync: must be "always" or "none"')
         if self.durability.log_retention not in ("all", "covered"):
             raise ConfigError('durability.log_retention: must be "all" or "covered"')
+        if self.durability.snapshot_interval_requests < 0:
+            raise ConfigError("durability.snapshot_interval_requests: must be >= 0 (0 = never)")
         for name in ("velocity", "card_testing", "impossible_travel", "merchant_burst"):
             if getattr(f, name).window_seconds <= 0:
                 raise ConfigError(f"fraud.{name}.window_seconds: must be > 0")

@@ -500,8 +500,8 @@ class Server:
         self.tick = 0
         self.log_ok = True  # the last batch (if any) was made durable
         self.recovered = True
-        self.batches_since_snapshot = 0
-        self.snapshot_every_batches = getattr(getattr(config, "durability", None), "snapshot_interval_records", 0)
+        self.requests_since_snapshot = 0
+        self.snapshot_every_requests = getattr(getattr(config, "durability", None), "snapshot_interval_requests", 0)
         self._idle = asyncio.Event()
         self._idle.set()
         self._timer: asyncio.TimerHandle | None = None
@@ -603,9 +603,9 @@ class Server:
             return None, time.perf_counter() - t0, -1.0
         elapsed = time.perf_counter() - t0
         assert len(answers) == len(batch), (len(answers), len(batch))
-        self.batches_since_snapshot += 1
-        if self.snapshot_every_batches and self.batches_since_snapshot >= self.snapshot_every_batches:
-            self.batches_since_snapshot = 0
+        self.requests_since_snapshot += len(batch)
+        if self.snapshot_every_requests and self.requests_since_snapshot >= self.snapshot_every_requests:
+            self.requests_since_snapshot = 0
             self._snapshot()
         return answers, elapsed, (tl.last_seconds if tl is not None else -1.0)
 

@@ -520,3 +520,29 @@ def test_failed_fill_leaves_a_live_engine_unchanged(tmp_path):
         batch = more.batch(300)
         assert a.submit(batch).tobytes() == b.submit(batch).tobytes()
     assert a.digest() == b.digest()
+
+
+@pytest.mark.parametrize("interval", [0, 300])
+def test_server_snapshots_every_interval_of_logged_requests(tmp_path, interval):
+    """The interval counts requests, however they were batched: 600
+    requests in batches of 50 cross 300 twice; 0 never snapshots."""
+    import time
+
+    from authcore.client import Client
+    from authcore.server import ServerThread
+
+    cfg = Config.from_dict({"durability": {"snapshot_interval_requests": interval}})
+    with ServerThread(data_dir=tmp_path, config=cfg) as s, Client("127.0.0.1", s.ports["json"], "json") as c:
+        assert c.open_account(id=1, account=1, currency=978)["status"] == "approved"
+        for k in range(12):
+            out = c.batch([{"op": "deposit", "id": 100 + 50 * k + i, "account": 1, "amount": 1} for i in range(50)])
+            assert all(a["status"] == "approved" for a in out)
+        deadline = time.monotonic() + 20
+        while interval and len(snap.list_snapshots(tmp_path / "snapshots")) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s.call(lambda: s.server.storage.wait_snapshot() if s.server.storage else None)
+    snaps = snap.list_snapshots(tmp_path / "snapshots")
+    assert (len(snaps) >= 1) if interval else not snaps
+    digest, rep = recovered_digest(tmp_path, Config.default())
+    assert digest == S.replay(tmp_path)
+    assert (rep.snapshot is not None) == bool(interval)

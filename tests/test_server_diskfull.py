@@ -28,7 +28,7 @@ def _ready(port: int) -> int:
 
 
 def test_disk_full_answers_unavailable_stays_up_resumes_and_verifies(tiny_fs):
-    cfg = Config.from_dict({"durability": {"segment_bytes": 64 * 1024, "snapshot_interval_records": 0}})
+    cfg = Config.from_dict({"durability": {"segment_bytes": 64 * 1024, "snapshot_interval_requests": 0}})
     data = tiny_fs / "data"
     with ServerThread(data_dir=data, config=cfg) as s:
         with Client("127.0.0.1", s.ports["json"], "json") as c:

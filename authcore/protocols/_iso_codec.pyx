@@ -47,7 +47,7 @@ from authcore.constants import (
 # --- record layouts (pinned against the dtypes at import) -------------------
 
 # Request and Answer are the kernel's structs (one declaration: _kernel.pxd).
-from authcore._kernel cimport Answer, Request
+from authcore._kernel cimport Answer, Request, put_auth_code
 
 assert sizeof(Request) == REQUEST_DTYPE.itemsize
 assert sizeof(Answer) == ANSWER_DTYPE.itemsize
@@ -345,21 +345,8 @@ def blake2b_64(bytes data):
 
 
 # --- auth codes ---------------------------------------------------------------------
-# authcore.records.auth_code in C: 6 base-36 digits of splitmix64(id),
-# least significant first.  tests/test_iso8583.py checks they agree.
-
-cdef const char* BASE36 = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-cdef inline void put_auth_code(uint8_t* out, uint64_t x) noexcept nogil:
-    cdef uint64_t z = x + 0x9E3779B97F4A7C15ULL
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
-    z = z ^ (z >> 31)
-    cdef int i
-    for i in range(6):
-        out[i] = BASE36[z % 36]
-        z //= 36
+# put_auth_code (authcore/_kernel.pxd) is records.auth_code in C;
+# tests/test_iso8583.py checks they agree.
 
 
 def auth_code(uint64_t id):

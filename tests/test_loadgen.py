@@ -403,3 +403,30 @@ def test_redis_codec_commands_and_replies(peers):
     assert c.statuses == {"approved": 2, "insufficient_funds": 1, "error": 1} and c.errors == 1
     with pytest.raises(ValueError, match="authorisations only"):
         redis_peer.RespCodec(L.build_pattern(workload(), 4096, 0), 0, 1, base, {})
+
+
+@pytest.mark.parametrize("codec", ["json", "iso8583"])
+def test_small_frames_encode_the_same_bytes_in_python(codec, monkeypatch):
+    """Open-loop frames of a few records take a plain-Python path; it must
+    write exactly what the vectorised one does."""
+    p = L.build_pattern(workload(transfers=codec == "json"), 4096, 3)
+    base = L.new_id_base(10**6)
+    cls = L.JsonCodec if codec == "json" else L.IsoCodec
+    small, vectorised = cls(p, 3, 7, base, {}), cls(p, 3, 7, base, {})
+    rng = np.random.default_rng(4)
+    frames = [(s, s + int(rng.integers(1, L.small_frame_records + 1))) for s in rng.integers(0, 5 * 4096, 200).tolist()]
+    frames = [(a, min(b, (a // 4096 + 1) * 4096)) for a, b in frames]  # a frame never crosses a cycle
+    got = [small.encode(a, b) for a, b in frames]
+    monkeypatch.setattr(L, "small_frame_records", 0)
+    assert got == [vectorised.encode(a, b) for a, b in frames]
+
+
+def test_small_ramps_count_like_the_vectorised_ones(monkeypatch):
+    a, b = L.Latencies(), L.Latencies()
+    cases = [(5000.7, 125.0, 8), (3.2, 2.0, 5), (10**7 + 0.5, 1000.0, 32), (0.4, 0.1, 3)]
+    for first, step, count in cases:
+        a.add_ramp(first, step, count)
+    monkeypatch.setattr(L, "small_frame_records", 0)
+    for first, step, count in cases:
+        b.add_ramp(first, step, count)
+    assert np.array_equal(a.counts, b.counts) and a.max_us == b.max_us

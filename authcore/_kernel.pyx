@@ -20,6 +20,8 @@ from libc.stdint cimport INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_
 from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
+import mmap
+
 import numpy as np
 
 from . import constants as C
@@ -1197,6 +1199,33 @@ def _table(shape, dtype):
     return out
 
 
+def _index_table(n):
+    """A zeroed index slot table (n uint64) in a mapping of its own that
+    forked children do not inherit (``MADV_DONTFORK``).
+
+    A snapshot child writes rows only; the indexes are rebuilt at load.
+    Shared with the child, each random write the parent made into an index
+    while the child ran took a copy-on-write fault (a 4 KiB copy), and the
+    indexes are the bulk of the random writes.  Its own mmap, not malloc:
+    DONTFORK on heap pages would outlive the table and hide unrelated
+    objects from the child.
+    """
+    nbytes = max(int(n), 1) * 8
+    align = HUGE_PAGE_BYTES if nbytes >= HUGE_PAGE_BYTES else mmap.PAGESIZE
+    m = mmap.mmap(-1, nbytes + align, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for advice in ("MADV_DONTFORK", "MADV_HUGEPAGE" if nbytes >= HUGE_PAGE_BYTES else None):
+        if advice and hasattr(mmap, advice):
+            try:
+                m.madvise(getattr(mmap, advice))
+            except OSError:  # a kernel without it: only slower
+                pass
+    buf = np.frombuffer(m, np.uint8)  # keeps the mapping alive
+    start = -buf.ctypes.data % align
+    out = buf[start : start + nbytes].view(np.uint64)[: int(n)]
+    assert out.ctypes.data % align == 0
+    return out
+
+
 def _bytes(a):
     """A contiguous array's bytes as a flat uint8 view (no copy)."""
     assert a.flags.c_contiguous
@@ -1318,11 +1347,11 @@ cdef class Kernel:
         self.merchants = _table((n, self.S.merchant_width), np.int64)
         self.cards = _table(n, CARD_DTYPE)
         self.act = _table((na, self.S.act_width), np.int64)
-        self.account_slots = _table(2 * na, np.uint64)
-        self.hold_slots = _table(2 * nh, np.uint64)
-        self.remembered_slots = _table(2 * nr, np.uint64)
-        self.merchant_slots = _table(2 * n, np.uint64)
-        self.card_slots = _table(2 * n, np.uint64)
+        self.account_slots = _index_table(2 * na)
+        self.hold_slots = _index_table(2 * nh)
+        self.remembered_slots = _index_table(2 * nr)
+        self.merchant_slots = _index_table(2 * n)
+        self.card_slots = _index_table(2 * n)
         self._bind()
 
     def _set_rules(self, dict d):
@@ -1431,7 +1460,7 @@ cdef class Kernel:
             return slots
         while need * C.index_load_max_den > size * C.index_load_max_num:
             size <<= 1
-        new = _table(size, np.uint64)
+        new = _index_table(size)
         cdef uint64_t[::1] old_view = slots
         cdef Index nix = ix[0]
         nix.slots = <uint64_t*>cnp.PyArray_DATA(<cnp.ndarray>new)
@@ -1733,11 +1762,11 @@ cdef class Kernel:
             "remembered": _table(_pow2_at_least(max(n_rem, sizes.get("ids", 0))), REMEMBERED_DTYPE),
         }
         # Index slots: twice the entries (load <= 1/2), filled at install.
-        tables["account_slots"] = _table(_pow2_at_least(2 * max(n_acc + 1, sizes.get("accounts", 0))), np.uint64)
-        tables["hold_slots"] = _table(_pow2_at_least(2 * max(n_holds + 1, sizes.get("holds", 0))), np.uint64)
-        tables["remembered_slots"] = _table(_pow2_at_least(2 * max(n_rem + 1, sizes.get("ids", 0))), np.uint64)
-        tables["merchant_slots"] = _table(_pow2_at_least(2 * n_mer + 2), np.uint64)
-        tables["card_slots"] = _table(_pow2_at_least(2 * n_cards + 2), np.uint64)
+        tables["account_slots"] = _index_table(_pow2_at_least(2 * max(n_acc + 1, sizes.get("accounts", 0))))
+        tables["hold_slots"] = _index_table(_pow2_at_least(2 * max(n_holds + 1, sizes.get("holds", 0))))
+        tables["remembered_slots"] = _index_table(_pow2_at_least(2 * max(n_rem + 1, sizes.get("ids", 0))))
+        tables["merchant_slots"] = _index_table(_pow2_at_least(2 * n_mer + 2))
+        tables["card_slots"] = _index_table(_pow2_at_least(2 * n_cards + 2))
         dests = {  # export_state's order, which is the snapshot's
             "accounts": [_bytes(tables["accounts"][:n_acc])],
             "holds": _ring_pieces(tables["holds"], counters["hold_head"], counters["hold_tail"]),

@@ -359,6 +359,40 @@ def test_populate_makes_pages_resident_without_changing_them():
     assert (data == keep).all() and not fresh.any()
 
 
+def _vm_flags(addr: int) -> set[str]:
+    """VmFlags of the mapping holding ``addr`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc")
+def test_forked_snapshot_children_do_not_inherit_the_indexes():
+    """Index slot tables are MADV_DONTFORK (the parent's random writes into
+    them cost no copy-on-write faults while a child writes the rows); row
+    tables are inherited, and the child's export works."""
+    eng = Engine(Config.from_dict({"engine": {"ids_initial": 1 << 16}}))
+    open_funded(eng, 1)
+    tables = eng._kernel.tables()
+    slots = [n for n in tables if n.endswith("_slots")]
+    assert len(slots) == 5
+    for name, arr in tables.items():
+        assert ("dc" in _vm_flags(arr.ctypes.data)) == name.endswith("_slots"), name
+    before = tables["account_slots"]
+    n = len(before)  # more accounts than the index holds: it is rebuilt bigger
+    eng.execute_many([{"op": "open", "id": 10 + i, "account": 10 + i, "currency": 978} for i in range(n)])
+    grown = eng._kernel.tables()["account_slots"]
+    assert len(grown) > len(before) and "dc" in _vm_flags(grown.ctypes.data)
+    assert eng.query(n + 9)["status"] == "approved"
+
+
 def test_merchant_rows_are_reused_once_stale():
     clock = Clock()
     eng = small_engine(clock)

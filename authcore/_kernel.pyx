@@ -1232,19 +1232,32 @@ def _bytes(a):
     return a.reshape(-1).view(np.uint8)
 
 
-def _ring_pieces(ring, uint64_t head, uint64_t tail):
-    """Where ring rows head..tail live in ``ring`` (seq & mask): at most two
-    runs, as uint8 views in seq order."""
+def _ring_runs(ring, uint64_t head, uint64_t tail):
+    """Ring rows head..tail (at seq & mask) as views in seq order: one or
+    two runs (one empty view when the ring is empty)."""
     cdef uint64_t cap = len(ring)
     assert tail - head <= cap
-    pieces = []
+    runs = []
     seq = head
     while seq < tail:
         o = seq & (cap - 1)
         run = min(tail - seq, cap - o)
-        pieces.append(_bytes(ring[o : o + run]))
+        runs.append(ring[o : o + run])
         seq += run
-    return pieces
+    return runs or [ring[:0]]
+
+
+def _ring_rows(runs, copy):
+    """The runs as one array: a view when there is one run and no copy is
+    asked for, else one copy (of slices, never a gather by index)."""
+    if len(runs) == 1:
+        return runs[0].copy() if copy else runs[0]
+    return np.concatenate(runs)
+
+
+def _ring_pieces(ring, uint64_t head, uint64_t tail):
+    """_ring_runs as uint8 views (where a snapshot's ring bytes go)."""
+    return [_bytes(r) for r in _ring_runs(ring, head, tail)]
 
 
 def populate(arrays):
@@ -1660,13 +1673,11 @@ cdef class Kernel:
         cdef Card* c = card_find(&self.S, p)
         return None if c == NULL else c.account
 
-    def _hold_rows(self):
-        seqs = np.arange(self.S.hold_head, self.S.hold_tail, dtype=np.uint64)
-        return self.holds[seqs & np.uint64(len(self.holds) - 1)]
+    def _hold_rows(self, copy=True):
+        return _ring_rows(_ring_runs(self.holds, self.S.hold_head, self.S.hold_tail), copy)
 
-    def _remembered_rows(self):
-        seqs = np.arange(self.S.remembered_head, self.S.remembered_tail, dtype=np.uint64)
-        return self.remembered[seqs & np.uint64(len(self.remembered) - 1)]
+    def _remembered_rows(self, copy=True):
+        return _ring_rows(_ring_runs(self.remembered, self.S.remembered_head, self.S.remembered_tail), copy)
 
     def counters(self):
         cdef State* S = &self.S
@@ -1702,13 +1713,20 @@ cdef class Kernel:
         }
         return arrays, self.counters()
 
-    def state_views(self):
-        """Like export_state but without copies (read-only use, e.g. digest)."""
+    def state_views(self, ring_runs=False):
+        """Like export_state but without copies where the layout allows
+        (read-only use, e.g. digest).  ``ring_runs``: each ring as the list
+        of its runs in order (at most two views), so nothing is copied."""
         cdef State* S = &self.S
+        if ring_runs:
+            holds = _ring_runs(self.holds, S.hold_head, S.hold_tail)
+            remembered = _ring_runs(self.remembered, S.remembered_head, S.remembered_tail)
+        else:
+            holds, remembered = self._hold_rows(copy=False), self._remembered_rows(copy=False)
         return {
             "accounts": self.accounts[: S.account_count],
-            "holds": self._hold_rows(),
-            "remembered": self._remembered_rows(),
+            "holds": holds,
+            "remembered": remembered,
             "merchants": self.merchants[: S.merchant_count],
             "cards": self.cards[: S.card_count],
             "activity": self.act[: S.act_high],

@@ -200,11 +200,13 @@ class Engine:
 
     # -- state -----------------------------------------------------------------
 
-    def export_state(self, copy: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """A consistent image of the state.  ``copy=False`` returns views
-        (ring tables are still gathered in order) for a forked snapshot
-        child, whose copy-on-write pages already freeze the state."""
-        arrays, counters = self._kernel.export_state() if copy else self._kernel.state_views()
+    def export_state(self, copy: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A consistent image of the state.  ``copy=False`` returns views,
+        each ring as the list of its runs in order (snapshot.write_snapshot
+        takes such lists), for a forked snapshot child: its copy-on-write
+        pages already freeze the state, and gathering a ring into one array
+        there cost a copy of up to GBs."""
+        arrays, counters = self._kernel.export_state() if copy else self._kernel.state_views(ring_runs=True)
         meta = {"counters": counters, "last_stamp": self.last_stamp, "decision": self.config.decision_dict(),
                 "memory": self.memory_bounds(), "digest_version": digest_version.decode()}
         return arrays, meta

@@ -51,7 +51,7 @@ import re
 import struct
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -178,17 +178,29 @@ class _SectionWriter:
                 self.direct = False
         view.release()
 
-    def section(self, offset: int, raw: np.ndarray) -> int:
-        """Write ``raw`` (uint8) at ``offset`` (aligned); returns its CRC32C."""
+    def section(self, offset: int, raw: np.ndarray | list[np.ndarray]) -> int:
+        """Write ``raw`` (uint8, or uint8 pieces written back to back) at
+        ``offset`` (aligned); returns the CRC32C of its bytes."""
         assert offset % array_align == 0
         crc = 0
-        for i in range(0, len(raw), staging_bytes):
-            n = min(staging_bytes, len(raw) - i)
-            self.buf[:n] = raw[i : i + n]
-            crc = crc32c(self.buf[:n], crc)
-            padded_n = _align(n)
-            self.buf[n:padded_n] = 0
-            self._pwrite(padded_n, offset + i)
+        fill = 0  # bytes staged, not yet written
+        for piece in [raw] if isinstance(raw, np.ndarray) else raw:
+            at = 0
+            while at < len(piece):
+                n = min(staging_bytes - fill, len(piece) - at)
+                self.buf[fill : fill + n] = piece[at : at + n]
+                fill += n
+                at += n
+                if fill == staging_bytes:
+                    crc = crc32c(self.buf, crc)
+                    self._pwrite(fill, offset)
+                    offset += fill
+                    fill = 0
+        if fill:
+            crc = crc32c(self.buf[:fill], crc)
+            padded = _align(fill)
+            self.buf[fill:padded] = 0
+            self._pwrite(padded, offset)
         return crc
 
     def finish(self, size: int) -> None:
@@ -201,10 +213,14 @@ class _SectionWriter:
         self.staging.close()
 
 
-def write_snapshot(directory: str | os.PathLike[str], seq: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> str:
+def write_snapshot(directory: str | os.PathLike[str], seq: int, arrays: Mapping[str, np.ndarray | Sequence[np.ndarray]],
+                   meta: Mapping[str, Any]) -> str:
     """Write a snapshot covering log sequence ``seq``; returns its path.
 
-    Synchronous and durable on return (file and directory fsynced).
+    An array may be given as a list of pieces (same dtype and row shape)
+    that it is the concatenation of: a ring's runs, written without first
+    copying them into one array.  Synchronous and durable on return (file
+    and directory fsynced).
     """
     directory = str(directory)
     os.makedirs(directory, exist_ok=True)
@@ -215,22 +231,25 @@ def write_snapshot(directory: str | os.PathLike[str], seq: int, arrays: Mapping[
         entries = []
         off = array_align  # the first block holds the header, written last
         for name, arr in arrays.items():
-            assert isinstance(arr, np.ndarray), name
-            assert not arr.dtype.hasobject, f"{name}: object arrays cannot be snapshotted"
-            arr = np.ascontiguousarray(arr)
-            raw = arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)
-            crc = w.section(off, raw)
+            pieces = [arr] if isinstance(arr, np.ndarray) else list(arr)
+            assert pieces and all(isinstance(p, np.ndarray) for p in pieces), name
+            dtype, rest = pieces[0].dtype, pieces[0].shape[1:]
+            assert all(p.dtype == dtype and p.shape[1:] == rest for p in pieces), f"{name}: pieces differ in layout"
+            assert not dtype.hasobject, f"{name}: object arrays cannot be snapshotted"
+            raws = [np.ascontiguousarray(p).reshape(-1).view(np.uint8) if p.size else np.empty(0, np.uint8) for p in pieces]
+            nbytes = sum(len(r) for r in raws)
+            crc = w.section(off, raws)
             entries.append(
                 {
                     "name": str(name),
-                    "descr": npformat.dtype_to_descr(arr.dtype),
-                    "shape": list(arr.shape),
+                    "descr": npformat.dtype_to_descr(dtype),
+                    "shape": [sum(len(p) for p in pieces), *rest] if pieces[0].ndim else [],
                     "offset": off,
-                    "nbytes": int(arr.nbytes),
+                    "nbytes": nbytes,
                     "crc": crc,
                 }
             )
-            off = _align(off + arr.nbytes)
+            off = _align(off + nbytes)
         toc = json.dumps({"meta": _to_json(meta), "arrays": entries}, separators=(",", ":")).encode()
         assert len(toc) <= toc_bytes_max
         w.section(off, np.frombuffer(toc, dtype=np.uint8))

@@ -273,9 +273,12 @@ class LogScan:
         return self.last_seq + 1
 
     def requests_from(self, seq: int) -> int:
-        """At most how many requests the records from ``seq`` on hold
-        (exact to the segment holding ``seq``): recovery sizes the id and
-        hold memories for the tail after its snapshot, not the whole log."""
+        """At most how many requests the scanned records from ``seq`` on
+        hold (exact to the segment holding ``seq``): recovery sizes the id
+        and hold memories for the tail after its snapshot, not the whole
+        log.  Records before the scanned part are not counted; an estimate
+        that falls short only means growing during replay, which evicts
+        nothing and so changes no answer."""
         before = 0
         for first, counted in self.request_marks:
             if first > seq:

@@ -1226,6 +1226,12 @@ def _index_table(n):
     return out
 
 
+# Counters a state import needs (merchant_hand is optional: older images
+# lack it and it starts at 0).
+IMPORT_COUNTERS = frozenset({"account_count", "merchant_count", "card_count", "act_high", "act_hand", "hold_head",
+                             "hold_tail", "hold_expire", "remembered_head", "remembered_tail"})
+
+
 def _bytes(a):
     """A contiguous array's bytes as a flat uint8 view (no copy)."""
     assert a.flags.c_contiguous
@@ -1260,17 +1266,23 @@ def _ring_pieces(ring, uint64_t head, uint64_t tail):
     return [_bytes(r) for r in _ring_runs(ring, head, tail)]
 
 
-def populate(arrays):
+def populate(arrays, stop=None):
     """Fault in every page of each array, writable, without writing to it
     (``MADV_POPULATE_WRITE``, Linux 5.14+): safe while another thread
     fills the same pages.  Recovery runs it on a second core ahead of the
     snapshot reader: first touches of fresh memory were most of a 10M-
     account recovery on this VM, and they fault about twice as fast on
-    two cores.  Returns False where the kernel lacks the advice."""
+    two cores.  ``stop`` (a uint8 array) set to 1 ends it at the next
+    step.  Returns False where the kernel lacks the advice."""
     cdef uintptr_t start, end
     cdef size_t step = POPULATE_CHUNK_BYTES
     cdef size_t at, n
     cdef int rc = 0
+    cdef uint8_t never = 0
+    cdef volatile uint8_t* halt = &never
+    if stop is not None:
+        assert stop.dtype == np.uint8 and len(stop) >= 1
+        halt = <volatile uint8_t*><uintptr_t>stop.ctypes.data
     for a in arrays:
         if a.nbytes == 0:
             continue
@@ -1278,7 +1290,7 @@ def populate(arrays):
         end = <uintptr_t>a.ctypes.data + <uintptr_t>a.nbytes
         at = 0
         with nogil:
-            while start + at < end and rc == 0:
+            while start + at < end and rc == 0 and halt[0] == 0:
                 n = min(step, end - start - at)
                 rc = madvise(<void*>(start + at), n, MADV_POPULATE_WRITE)
                 at += n
@@ -1756,6 +1768,9 @@ cdef class Kernel:
                 raise ValueError(f"snapshot array {name} has an unexpected layout")
         if specs["settlement"][1] != (C.currency_max + 1,):
             raise ValueError("snapshot array settlement has an unexpected length")
+        missing = IMPORT_COUNTERS - set(counters)
+        if missing:
+            raise ValueError(f"snapshot counters lack {sorted(missing)}")
         n_holds = specs["holds"][1][0]
         n_rem = specs["remembered"][1][0]
         if counters["hold_tail"] - counters["hold_head"] != n_holds \
@@ -1798,10 +1813,14 @@ cdef class Kernel:
         return tables, dests
 
     def install_import(self, dict tables, dict counters):
-        """Make staged tables (stage_import, filled) the kernel's state."""
+        """Make staged tables (stage_import, filled) the kernel's state.
+        Checks come first: if it raises, nothing changed."""
         cdef State* S = &self.S
         if tables["merchants"].shape[1] != S.merchant_width or tables["activity"].shape[1] != S.act_width:
             raise ValueError("snapshot ring widths differ from the configured fraud rules")
+        missing = IMPORT_COUNTERS - set(counters)
+        if missing:
+            raise ValueError(f"snapshot counters lack {sorted(missing)}")
         self.accounts = tables["accounts"]
         self.merchants = tables["merchants"]
         self.cards = tables["cards"]

@@ -270,6 +270,14 @@ class Config:
             raise ConfigError("auth.api_keys_file: needs [[auth.clients]] to map keys to")
 
 
+# Keys that were renamed, with what to write instead (an old config file
+# gets told, not just "unknown key").
+RENAMED_KEYS = {
+    "durability.snapshot_interval_records": "durability.snapshot_interval_requests, which counts logged requests "
+                                            "(the old key counted log records, one per batch)",
+}
+
+
 def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a table")
@@ -277,6 +285,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
     known = {f.name for f in fields(cls)}
     for key in data:
         if key not in known:
+            if f"{path}{key}" in RENAMED_KEYS:
+                raise ConfigError(f"configuration key {path}{key} was renamed: use {RENAMED_KEYS[path + key]}")
             raise ConfigError(f"unknown configuration key: {path}{key}")
     kwargs = {}
     for f in fields(cls):

@@ -235,20 +235,30 @@ class Engine:
         if layout != digest_version.decode():
             raise ValueError(f"state layout {layout!r}; this build reads {digest_version.decode()!r}")
         tables, dests = self._kernel.stage_import(specs, meta["counters"])
+        last_stamp = int(meta["last_stamp"])
         # A second core faults the new tables in ahead of the reader, in the
         # order it fills them, then the index slots the install fills.
         order = [p for pieces in dests.values() for p in pieces]
         order += [t for name, t in tables.items() if name.endswith("_slots")]
-        helper = threading.Thread(target=populate, args=(order,), name="authcore-populate", daemon=True)
+        stop = np.zeros(1, np.uint8)  # set: the helper gives up at its next step
+        helper = threading.Thread(target=populate, args=(order, stop), name="authcore-populate", daemon=True)
         helper.start()
         try:
             fill(dests)
+        except BaseException:
+            stop[0] = 1
+            raise
         finally:
             helper.join()
-        if meta.get("decision"):
-            self.apply_logged_config({"decision": meta["decision"], "engine": meta.get("memory")})
-        self._kernel.install_import(tables, meta["counters"])
-        self.last_stamp = int(meta["last_stamp"])
+        before = {"decision": self.config.decision_dict(), "engine": self.memory_bounds()}
+        try:
+            if meta.get("decision"):
+                self.apply_logged_config({"decision": meta["decision"], "engine": meta.get("memory")})
+            self._kernel.install_import(tables, meta["counters"])
+        except BaseException:
+            self.apply_logged_config(before)  # the image does not fit these rules: as it was
+            raise
+        self.last_stamp = last_stamp
 
     def digest(self) -> str:
         """BLAKE2b-256 of the logical state in canonical order.

@@ -822,7 +822,7 @@ async def start(
     if getattr(report, "tail_cut", False):
         log.warning("recovery cut a torn log tail: %s", orjson.dumps(summary.get("tail") if summary else None, default=str).decode())
     try:
-        return await start_engine(
+        running = await start_engine(
             engine,
             config,
             host=host,
@@ -835,6 +835,10 @@ async def start(
     except BaseException:
         storage.close()
         raise
+    # The tail just replayed counts toward the next snapshot: a restart
+    # must not double the replay a crash after it would need.
+    running.server.requests_since_snapshot = getattr(report, "requests_replayed", 0)
+    return running
 
 
 async def serve(

@@ -400,7 +400,13 @@ def read_snapshot_into(info: SnapshotInfo, dests: Mapping[str, list[np.ndarray]]
     names = {a["name"] for a in info.arrays}
     if names != set(dests):
         raise SnapshotError(info.path, f"arrays {sorted(names)}; expected {sorted(dests)}")
-    fd, direct = _open_for_read(info.path)
+    for a in info.arrays:
+        if sum(len(p) for p in dests[a["name"]]) != a["nbytes"]:
+            raise SnapshotError(info.path, f"array {a['name']}: {a['nbytes']} bytes do not fit its shape")
+    try:
+        fd, direct = _open_for_read(info.path)
+    except OSError as e:
+        raise SnapshotError(info.path, f"cannot open: {e.strerror}") from None
     bounce = mmap.mmap(-1, read_chunk_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     view = memoryview(bounce)
     chunk = np.frombuffer(bounce, np.uint8)
@@ -408,7 +414,6 @@ def read_snapshot_into(info: SnapshotInfo, dests: Mapping[str, list[np.ndarray]]
         for a in info.arrays:
             pieces = dests[a["name"]]
             nbytes = a["nbytes"]
-            assert sum(len(p) for p in pieces) == nbytes, a["name"]
             crc = 0
             at = 0  # bytes of this array done
             k = 0  # current piece, and bytes of it filled
@@ -424,7 +429,11 @@ def read_snapshot_into(info: SnapshotInfo, dests: Mapping[str, list[np.ndarray]]
                         if not direct or e.errno != errno.EINVAL or got:
                             raise SnapshotError(info.path, f"cannot read array {a['name']}: {e.strerror}") from None
                         os.close(fd)  # a filesystem without O_DIRECT after all
-                        fd, direct, size = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC), False, want
+                        fd = -1
+                        try:
+                            fd, direct, size = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC), False, want
+                        except OSError as e2:
+                            raise SnapshotError(info.path, f"cannot reopen: {e2.strerror}") from None
                         continue
                     if n <= 0:
                         raise SnapshotError(info.path, f"array {a['name']} truncated")
@@ -444,7 +453,8 @@ def read_snapshot_into(info: SnapshotInfo, dests: Mapping[str, list[np.ndarray]]
             if crc != a["crc"]:
                 raise SnapshotError(info.path, f"array {a['name']} checksum mismatch")
     finally:
-        os.close(fd)  # the bounce buffer goes with its last view
+        if fd >= 0:
+            os.close(fd)  # the bounce buffer goes with its last view
 
 
 def _descr(d: Any) -> Any:

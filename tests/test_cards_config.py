@@ -108,6 +108,8 @@ def test_config_toml_round_trip(tmp_path):
         ("[fraud.velocity]\nattempts = 0\n", "fraud.velocity.attempts"),
         ('[fraud.risky_mcc]\nmccs = ["x"]\n', "fraud.risky_mcc.mccs"),
         ("hold_ttl_seconds = -1\n", "hold_ttl_seconds"),
+        ("[durability]\nsnapshot_interval_records = 10\n", "renamed: use durability.snapshot_interval_requests"),
+        ("[durability]\nsnapshot_interval_requests = -1\n", "durability.snapshot_interval_requests"),
         ("this is = not toml = \n", "c.toml"),
     ],
 )

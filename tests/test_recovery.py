@@ -568,3 +568,55 @@ def test_wrapped_rings_snapshot_in_two_runs_and_recover_exactly(tmp_path):
     st.close()
     digest, rep = recovered_digest(tmp_path, cfg)
     assert rep.snapshot == job.path and digest == live
+
+
+def test_unusable_image_leaves_a_live_engine_unchanged():
+    """An image whose counters are incomplete, or whose rings do not fit the
+    rules, is refused before anything of the engine changes."""
+    from authcore.engine import Engine
+
+    cfg = config()
+    a, b = Engine(cfg, clock=StepClock()), Engine(cfg, clock=StepClock())
+    for i in range(1, 6):
+        a.execute({"op": "open", "id": i, "account": i, "currency": 840})
+    b.execute({"op": "open", "id": 100, "account": 100, "currency": 978})
+    arrays, meta = a.export_state()
+    before = b.digest()
+    lacking = {**meta, "counters": {k: v for k, v in meta["counters"].items() if k != "hold_expire"}}
+    with pytest.raises(ValueError, match="hold_expire"):
+        b.load_state(arrays, lacking)
+    wide = {**arrays, "activity": np.zeros((len(arrays["activity"]), arrays["activity"].shape[1] + 8), np.int64)}
+    with pytest.raises(ValueError, match="widths"):
+        b.load_state(wide, meta)
+    assert b.digest() == before and b.verify()
+    assert b.query(100)["status"] == "approved" and b.query(3)["status"] == "no_account"
+
+
+def test_replayed_tail_counts_toward_the_next_snapshot(tmp_path):
+    """250 requests, a restart (they are replayed), 100 more: past the
+    interval of 300, so the restarted server snapshots."""
+    import time
+
+    from authcore.client import Client
+    from authcore.server import ServerThread
+
+    cfg = Config.from_dict({"durability": {"snapshot_interval_requests": 300}})
+
+    def deposits(port, first, n):
+        with Client("127.0.0.1", port, "json") as c:
+            out = c.batch([{"op": "deposit", "id": first + i, "account": 1, "amount": 1} for i in range(n)])
+            assert all(a["status"] == "approved" for a in out)
+
+    with ServerThread(data_dir=tmp_path, config=cfg) as s:
+        with Client("127.0.0.1", s.ports["json"], "json") as c:
+            assert c.open_account(id=1, account=1, currency=978)["status"] == "approved"
+        deposits(s.ports["json"], 10, 249)
+    assert not snap.list_snapshots(tmp_path / "snapshots")
+    with ServerThread(data_dir=tmp_path, config=cfg) as s:
+        assert s.server.requests_since_snapshot == 250
+        deposits(s.ports["json"], 1000, 100)
+        deadline = time.monotonic() + 20
+        while not snap.list_snapshots(tmp_path / "snapshots") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s.call(lambda: s.server.storage.wait_snapshot())
+    assert snap.list_snapshots(tmp_path / "snapshots")

@@ -342,7 +342,7 @@ def reference(line: bytes):
 def c_parse(line: bytes, line_max: int = 1 << 20):
     """The C parser on one line: the row's bytes, or None (not taken)."""
     out = np.empty(1, C.REQUEST_DTYPE)
-    return out.tobytes() if parse_requests([line], 0, line_max, out) == 1 else None
+    return out.tobytes() if parse_requests([line], 0, line_max, out) == (1, 1) else None
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -431,12 +431,12 @@ def test_c_parser_agrees_with_records_on_hot_lines(case):
 
 def test_c_parser_stops_at_the_first_line_it_does_not_take():
     ok = b'{"op":"query","account":7}'
-    lines = [ok, ok, b'{"op":"open","id":1,"account":2,"currency":840}', ok, b"x" * 40 + ok]
+    lines = [ok, b"", b" \t\r", ok, b'{"op":"open","id":1,"account":2,"currency":840}', ok, b"x" * 40 + ok]
     out = np.empty(len(lines), C.REQUEST_DTYPE)
-    assert parse_requests(lines, 0, 1 << 20, out) == 2
-    assert parse_requests(lines, 3, 1 << 20, out) == 4  # starts anywhere, writes from row 0
+    assert parse_requests(lines, 0, 1 << 20, out) == (4, 2)  # blank lines: passed over, no row
+    assert parse_requests(lines, 5, 1 << 20, out) == (6, 1)  # starts anywhere, writes from row 0
     assert out[0]["account"] == 7 and out[0]["op"] == C.Op.query
-    assert parse_requests([ok], 0, len(ok) - 1, out) == 0  # over the line limit: the reference answers
+    assert parse_requests([ok], 0, len(ok) - 1, out) == (0, 0)  # over the line limit: the reference answers
     with pytest.raises(ValueError):
         parse_requests(lines, 0, 1 << 20, out[:2])
 
@@ -696,3 +696,43 @@ def test_client_that_never_reads_is_cut_after_the_read_timeout():
         sock.close()
     finally:
         s.stop()
+
+
+class _Recorder:
+    """A JSON-lines session without a server: records submits and replies."""
+
+    def __new__(cls):
+        import types
+
+        from authcore.protocols.json_lines import JsonLinesSession
+        from authcore.records import RequestError as _RE
+
+        class Session(JsonLinesSession):
+            def __init__(self):
+                counter = types.SimpleNamespace(labels=lambda *a: counter, inc=lambda *a: None)
+                self.server = types.SimpleNamespace(hasher=PanHasher(PAN_KEY), metrics=types.SimpleNamespace(bad_requests=counter))
+                self.line_max, self.buf, self.discarding, self.awaiting_key = 200, b"", False, False
+                self._slow_parse, self._request_error = request_tuple, _RE
+                self.events, self.submits = [], []
+
+            def submit(self, requests, context=None, prepare=None):
+                self.submits.append(requests)
+                self.events += [("req", int(r)) for r in requests["id"]]
+
+            def reply(self, payload):
+                self.events.append(("bad", orjson.loads(payload).get("id")))
+
+        return Session()
+
+
+def test_lines_keep_their_order_and_fast_runs_stay_one_submit():
+    q = lambda i: b'{"op":"query","id":%d,"account":7}' % i  # noqa: E731
+    o = lambda i: b'{"op":"open","id":%d,"account":%d,"currency":840}' % (i, i)  # noqa: E731
+    s = _Recorder()
+    s.feed(b"\n".join([q(1), o(2), b"", q(3), b"junk", q(4), b"x" * 300, o(5), q(6), b"\r", q(7), b'{"op":"query","id":8}'])
+           + b"\n")  # fmt: skip
+    assert s.events == [("req", 1), ("req", 2), ("req", 3), ("bad", None), ("req", 4), ("bad", None), ("req", 5),
+                        ("req", 6), ("req", 7), ("bad", 8)]  # fmt: skip
+    s = _Recorder()  # blank lines between fast ones: still one submit, one buffer
+    s.feed(b"".join(q(i) + b"\n\n" for i in range(1, 3001)))
+    assert len(s.submits) == 1 and s.submits[0]["id"].tolist() == list(range(1, 3001))

@@ -302,7 +302,8 @@ cdef inline int get_i64(Value* vals, uint32_t seen, int k, int required, int64_t
 
 
 cdef int parse_line(const char* p, size_t size, Request* r) noexcept nogil:
-    """One line into ``r``: 1, or 0 for the reference path (``r`` is then garbage)."""
+    """One line into ``r``: 1; -1 for a blank line (no request, no answer);
+    0 for the reference path (``r`` is then garbage)."""
     cdef const char* e = p + size
     cdef Value vals[K_COUNT]
     cdef Value v
@@ -311,7 +312,9 @@ cdef int parse_line(const char* p, size_t size, Request* r) noexcept nogil:
     cdef size_t kn
     cdef int k, op, ch
     p = skip_ws(p, e)
-    if p >= e or p[0] != b'{':
+    if p >= e:
+        return -1
+    if p[0] != b'{':
         return 0
     p = skip_ws(p + 1, e)
     if p < e and p[0] == b'}':
@@ -385,21 +388,28 @@ cdef int parse_line(const char* p, size_t size, Request* r) noexcept nogil:
 def parse_requests(list lines, Py_ssize_t start, Py_ssize_t line_max, out):
     """Parse ``lines[start:]`` into ``out`` (REQUEST_DTYPE, from row 0) up to
     the first line the fast path does not take (or one over ``line_max``
-    bytes).  Returns that line's index; ``len(lines)`` when all were taken."""
+    bytes); blank lines are passed over.  Returns ``(that line's index,
+    rows written)``; the index is ``len(lines)`` when all were taken."""
     if not isinstance(out, np.ndarray) or out.dtype != REQUEST_DTYPE or not out.flags.c_contiguous:
         raise TypeError("out: expected a contiguous REQUEST_DTYPE array")
     cdef Py_ssize_t i = start
     cdef Py_ssize_t n = len(lines)
+    cdef Py_ssize_t row = 0
+    cdef int got
     if len(out) < n - start:
         raise ValueError(f"out: {len(out)} rows for {n - start} lines")
     cdef Request* rows = <Request*><size_t>out.ctypes.data
     cdef bytes line
     while i < n:
         line = lines[i]
-        if PyBytes_GET_SIZE(line) > line_max or not parse_line(PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line), &rows[i - start]):
+        if PyBytes_GET_SIZE(line) > line_max:
             break
+        got = parse_line(PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line), &rows[row])
+        if got == 0:
+            break
+        row += got > 0
         i += 1
-    return i
+    return i, row
 
 
 # --- encoding ------------------------------------------------------------------------

@@ -116,6 +116,8 @@ class JsonLinesSession(Session):
         loads = orjson.loads
         line_max = self.line_max
         i, n = 0, len(lines)
+        out: np.ndarray | None = None  # rows for every fast line of this read (one per line at most)
+        used = 0
         while i < n:
             if self.awaiting_key:  # identities without a client certificate: the first line is the API key
                 line = lines[i]
@@ -125,15 +127,16 @@ class JsonLinesSession(Session):
                 if not self._authenticate(line):
                     return
                 continue
-            out = np.empty(n - i, REQUEST_DTYPE)
-            k = parse_requests(lines, i, line_max, out)
-            if k > i:
+            if out is None:
+                out, used = np.empty(n - i, REQUEST_DTYPE), 0
+            i, rows = parse_requests(lines, i, line_max, out[used:])
+            if rows:
                 self._submit(recs)
                 recs = []
-                self.submit(out[: k - i])
-                i = k
-                if i == n:
-                    break
+                self.submit(out[used : used + rows])
+                used += rows
+            if i == n:
+                break
             line = lines[i]  # one the C parser did not take: the reference decides
             i += 1
             if len(line) > line_max:

@@ -21,6 +21,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
 import mmap
+import threading
 
 import numpy as np
 
@@ -1299,6 +1300,18 @@ def populate(arrays, stop=None):
     return True
 
 
+def _touch_all(spans):
+    """Fault in each uint8 span, keeping contents (populate, or ac_touch
+    on kernels without MADV_POPULATE_WRITE)."""
+    cdef cnp.ndarray a
+    for span in spans:
+        if populate([span]):
+            continue
+        a = span
+        with nogil:
+            ac_touch(<char*>cnp.PyArray_DATA(a), <size_t>cnp.PyArray_NBYTES(a), PAGE_BYTES)
+
+
 def _pow2_at_least(n):
     p = ROWS_INITIAL
     while p < n:
@@ -1643,14 +1656,23 @@ cdef class Kernel:
         # and their fraud rings).  Rings and indexes are used all over.
         used = {"accounts": S.account_count, "activity": S.act_high, "merchants": S.merchant_count,
                 "cards": S.card_count}
+        spans = []
         for name, arr in self.tables().items():
             a = arr
             assert a.flags.c_contiguous
             nbytes = <size_t>cnp.PyArray_NBYTES(a)
             if name in used:
                 nbytes = min(nbytes, <size_t>(used[name] + PREFAULT_ROWS_AHEAD) * <size_t>(a.strides[0]))
-            with nogil:
-                ac_touch(<char*>cnp.PyArray_DATA(a), nbytes, PAGE_BYTES)
+            spans.append(a.reshape(-1).view(np.uint8)[:nbytes])
+        # Two threads (fresh memory faults in ~2x faster on two cores here),
+        # each taking every other table, largest first; MADV_POPULATE_WRITE
+        # where the kernel has it, else a write of each page's own byte.
+        spans.sort(key=len, reverse=True)
+        halves = [spans[0::2], spans[1::2]]
+        helper = threading.Thread(target=_touch_all, args=(halves[1],), name="authcore-prefault", daemon=True)
+        helper.start()
+        _touch_all(halves[0])
+        helper.join()
 
     # -- deciding ------------------------------------------------------------
 

@@ -245,7 +245,8 @@ class BinarySession(Session):
             end = pos + header_size + length
             if n < end:
                 break
-            payload = bytes(buf[pos + header_size : end])
+            with memoryview(buf) as view:  # one copy (a bytearray slice and bytes() were two)
+                payload = bytes(view[pos + header_size : end])
             pos = end
             self._requests(payload, tag)
         if pos:

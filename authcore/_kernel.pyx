@@ -1589,6 +1589,7 @@ cdef class Kernel:
 
     def reserve(self, uint64_t n):
         """Make room for n more requests: each may add one row everywhere.
+        Returns the names of the tables that had to grow (usually none).
 
         Eviction depends only on logical counts (never on capacities), so a
         snapshot restored with other capacities decides exactly the same.
@@ -1597,6 +1598,7 @@ cdef class Kernel:
         cdef uint64_t live
         if S.account_count + n > C.account_rows_max or S.act_high + n > C.account_rows_max:
             raise OverflowError(f"accounts: at most {C.account_rows_max} rows per shard")
+        before = self.tables()
         live = S.hold_tail - S.hold_head
         if live + n > self.holds_retained_max:
             self._evict(True, live + n - self.holds_retained_max)
@@ -1618,6 +1620,7 @@ cdef class Kernel:
         self.merchant_slots = self._rehash(&S.merchant_index, self.merchant_slots, S.merchant_index.count + n)
         self.card_slots = self._rehash(&S.card_index, self.card_slots, S.card_index.count + n)
         self._bind()
+        return [name for name, t in self.tables().items() if before[name] is not t]
 
     def tables(self):
         """Every table at full capacity (used or not), by name."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -34,6 +35,9 @@ except ImportError as e:  # pragma: no cover - a source checkout without a build
     ) from e
 
 from .wal import Unavailable
+
+growth_warn_seconds = 0.05  # a growth that stops decisions longer than this is logged as a warning
+_log = logging.getLogger("authcore.engine")
 
 digest_version = b"authcore-state-v2"  # v2: activity rows packed into whole cache lines
 # What `authcore serve` allocates when the config leaves sizes automatic:
@@ -78,6 +82,8 @@ class Engine:
         self._hasher = PanHasher(pan_key if pan_key is not None else os.urandom(32))
         self._log: Log | None = None
         self.last_stamp = 0
+        self.growths = 0  # tables grown while deciding, and the seconds it stopped decisions
+        self.growth_seconds = 0.0
 
     def _initial_sizes(self, presize: bool) -> dict[str, int]:
         """Table sizes at start: configured, else the server's or the minimum."""
@@ -126,11 +132,26 @@ class Engine:
         # Grow the tables *before* the batch is logged: growth is the only
         # step of deciding that can fail (MemoryError), and a batch that is in
         # the log must be decided, or live state and replay would differ.
-        self._kernel.reserve(n)
+        t0 = time.perf_counter()
+        grown = self._kernel.reserve(n)
+        if grown:
+            self._report_growth(grown, time.perf_counter() - t0)
         stamp0 = self._stamp(n)
         if self._log is not None:
             self._log.log_batch(stamp0, requests)
         return self._kernel.decide(requests, stamp0)
+
+    def _report_growth(self, names: list[str], seconds: float) -> None:
+        """Growth copies and rehashes a table while no decision is made
+        (5.1 s for the id memory at 2^25 on this VM): say so, and how to
+        avoid it, every time it happens."""
+        self.growths += 1
+        self.growth_seconds += seconds
+        if seconds < growth_warn_seconds:  # small tables double in microseconds: by design
+            return
+        sizes = ", ".join(f"{name} -> {len(t):,} rows" for name, t in self._kernel.tables().items() if name in names)
+        _log.warning("tables grew while deciding (%s): decisions stopped for %.3f s; size engine.accounts_initial, "
+                     "holds_initial and ids_initial for this host's load", sizes, seconds)
 
     def expect_requests(self, n: int) -> None:
         """Size the id and hold memories for ``n`` requests to come (replay

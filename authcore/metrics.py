@@ -66,6 +66,11 @@ class Metrics:
         self.unavailable_batches = Counter(
             "authcore_unavailable_batches", "Batches answered unavailable (log not durable)", registry=r
         )
+        self.growth_seconds = Counter(
+            "authcore_table_growth_seconds",
+            "Seconds decisions were stopped while a table grew (copy and rehash): size the engine's *_initial",
+            registry=r,
+        )
         self.connections = Gauge("authcore_connections", "Open connections", ["protocol"], registry=r)
         self.connections_refused = Counter(
             "authcore_connections_refused", "Connections refused (connection limit)", ["protocol"], registry=r

@@ -592,6 +592,7 @@ class Server:
         if tl is not None:
             tl.last_seconds = -1.0
         t0 = time.perf_counter()
+        grown_before = getattr(self.engine, "growth_seconds", 0.0)
         try:
             answers = self.engine.submit(batch)
         except self._unavailable as e:
@@ -602,6 +603,9 @@ class Server:
             log.exception("engine.submit failed; batch of %d answered unavailable", len(batch))
             return None, time.perf_counter() - t0, -1.0
         elapsed = time.perf_counter() - t0
+        grown = getattr(self.engine, "growth_seconds", 0.0) - grown_before
+        if grown > 0.0:
+            self.metrics.growth_seconds.inc(grown)
         assert len(answers) == len(batch), (len(answers), len(batch))
         self.requests_since_snapshot += len(batch)
         if self.snapshot_every_requests and self.requests_since_snapshot >= self.snapshot_every_requests:

@@ -410,3 +410,18 @@ def test_merchant_rows_are_reused_once_stale():
     copy = small_engine(Clock(clock.t))
     copy.load_state(arrays, meta)
     assert copy.digest() == eng.digest()
+
+
+def test_growth_while_deciding_is_counted_and_a_long_one_is_logged(caplog, monkeypatch):
+    """Growth stops decisions (copy + rehash); operators must hear of it."""
+    import authcore.engine as E
+
+    eng = small_engine()
+    open_funded(eng, 1)
+    assert eng.growths == 0
+    capacity = len(eng._kernel.tables()["remembered"])
+    monkeypatch.setattr(E, "growth_warn_seconds", 0.0)
+    with caplog.at_level("WARNING", logger="authcore.engine"):
+        eng.execute_many([{"op": "deposit", "id": 100 + i, "account": 1, "amount": 1} for i in range(capacity)])
+    assert eng.growths >= 1 and eng.growth_seconds > 0
+    assert any("tables grew while deciding" in r.message and "remembered" in r.message for r in caplog.records)

@@ -604,6 +604,9 @@ def test_metrics_health_ready(srv):
         assert _sample(body, 'authcore_connections{protocol="json"}') == 1
         assert _sample(body, "authcore_sync_seconds_count") == 0  # no log attached
         assert _sample(body, "authcore_decision_seconds_count") >= 1
+        c.batch([{"op": "deposit", "id": 10_000 + i, "account": 1, "amount": 1} for i in range(C.table_rows_initial)])
+        grown = _sample(http_get(port, "/metrics")[1], "authcore_table_growth_seconds_total")
+        assert srv.engine.growths >= 1 and grown == pytest.approx(srv.engine.growth_seconds)  # the id memory doubled
         srv.engine.attach_log(FailingLog())
         assert c.request({"op": "deposit", "id": 999, "account": 1, "amount": 1})["status"] == "unavailable"
         assert http_get(port, "/ready")[0] == 503

@@ -160,8 +160,10 @@ def spawn_server(
     host: str = "127.0.0.1",
     extra: list[str] | None = None,
     stderr: Any = None,
+    cpus: tuple[int, ...] | None = None,
 ) -> tuple[subprocess.Popen, dict[str, int]]:
-    """Start ``python -m authcore serve`` on free ports; returns (process, ports)."""
+    """Start ``python -m authcore serve`` on free ports; returns (process, ports).
+    ``cpus``: the server and every thread it starts run on these CPUs only."""
     cmd = [sys.executable, "-m", "authcore", "serve", "--data", str(data_dir), "--host", host]
     cmd += ["--port", "0", "--json-port", "0", "--iso-port", "0", "--metrics-port", "0"]
     if config_path:
@@ -171,7 +173,8 @@ def spawn_server(
     # The child imports this very package, installed or not.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # before exec: every thread inherits it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, preexec_fn=pin)
     assert proc.stdout is not None
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)

@@ -833,6 +833,7 @@ class WorkerSpec:
     warmup: float
     duration: float | None  # None: stop after ``requests``
     requests: int | None  # measured requests of this worker
+    cpus: tuple[int, ...] | None = None  # run on these CPUs only (--pin)
 
 
 class _Frame:
@@ -1137,6 +1138,8 @@ class _Worker:
 
 def worker_main(spec: WorkerSpec, pipe: Any) -> None:
     try:
+        if spec.cpus:
+            os.sched_setaffinity(0, spec.cpus)
         result = _Worker(spec, pipe).run()
         pipe.send(("done", result))
     except BaseException as e:  # the parent reports it; a worker never hangs the run
@@ -1169,6 +1172,7 @@ class DriveSpec:
     id_base: int | None = None
     label: str = "authcore"
     worker: Any = None  # the worker process's function (default: worker_main; bench/peers/postgres.py has its own)
+    cpus: tuple[int, ...] | None = None  # generator processes run on these CPUs only (--pin)
 
 
 class _Display:
@@ -1255,7 +1259,7 @@ def drive(d: DriveSpec, progress: bool = False) -> dict:
             host=d.host, port=d.port, codec=d.codec, codec_options={**d.codec_options, "batch": d.batch},
             sys_path=d.sys_path, workload=d.workload, conns=conns, conns_total=d.connections, id_base=id_base,
             pattern_n=pattern_n, batch=d.batch, window=d.window, rate=d.rate, warmup=d.warmup,
-            duration=d.duration, requests=req,
+            duration=d.duration, requests=req, cpus=d.cpus,
         )  # fmt: skip
         parent_end, child_end = ctx.Pipe()
         proc = ctx.Process(target=d.worker or worker_main, args=(spec, child_end), daemon=True)
@@ -1487,11 +1491,14 @@ def _records_as_json(part: np.ndarray) -> list[dict]:
 class ServerUnderTest:
     """A server started on a temporary data dir (``target=None``) or a target."""
 
-    def __init__(self, target: str | None, protocol: str, sync: str, setup_target: str | None = None):
+    def __init__(self, target: str | None, protocol: str, sync: str, setup_target: str | None = None, *,
+                 prefault: bool = False, cpus: tuple[int, ...] | None = None):
         self.target = target
         self.protocol = protocol
         self.sync = sync
         self.setup_target = setup_target
+        self.prefault = prefault  # the started server faults its tables in at start
+        self.cpus = cpus  # the started server runs on these CPUs only
         self.proc = None
         self.tmp: tempfile.TemporaryDirectory | None = None
 
@@ -1510,10 +1517,10 @@ class ServerUnderTest:
         self.tmp = tempfile.TemporaryDirectory(prefix="authcore-bench-")
         root = Path(self.tmp.name)
         cfg = root / "bench.toml"
-        cfg.write_text(f'[durability]\nsync = "{self.sync}"\n')
+        cfg.write_text(f'[durability]\nsync = "{self.sync}"\n' + ("[engine]\nprefault = true\n" if self.prefault else ""))
         self.log = open(root / "server.log", "w")
         try:
-            self.proc, ports = spawn_server(root / "data", config_path=str(cfg), stderr=self.log)
+            self.proc, ports = spawn_server(root / "data", config_path=str(cfg), stderr=self.log, cpus=self.cpus)
         except Exception:
             self.log.close()
             raise RuntimeError(f"could not start a server: {(root / 'server.log').read_text()[-2000:]}") from None
@@ -1562,6 +1569,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zipf-exponent", type=float, default=zipf_exponent_default)
     p.add_argument("--mix", default=mix_default, help=f"preset ({', '.join(MIX_PRESETS)}) or {','.join(k + '=W' for k in KINDS)}")
     p.add_argument("--sync", choices=("always", "none"), default="always", help="durability of a started server")
+    p.add_argument("--prefault", action="store_true",
+                   help="a started server faults its tables in at start (the steady state, not first touches)")
+    p.add_argument("--pin", action="store_true",
+                   help="a started server on the first CPU, the generator on the others (Linux)")
     p.add_argument("--seed", type=int, default=20240917)
     p.add_argument("--json", action="store_true", help="print one JSON line (stdout's last line); the table goes to stderr")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also sweep open-loop rates and chart latency against throughput")
@@ -1575,6 +1586,7 @@ def options_of(args: argparse.Namespace) -> dict:
         "rate": args.rate, "batch": args.batch, "window": args.window, "accounts": args.accounts, "skew": args.skew,
         "zipf_exponent": args.zipf_exponent if args.skew == "zipf" else None,
         "mix": mix_text(parse_mix(args.mix)), "sync": args.sync if not args.target else "target", "seed": args.seed,
+        "prefault": args.prefault and not args.target, "pin": args.pin,
     }  # fmt: skip
 
 
@@ -1592,7 +1604,9 @@ def run(args: argparse.Namespace) -> dict:
     wl = Workload(accounts=args.accounts, skew=args.skew, zipf_exponent=args.zipf_exponent, mix=tuple(mix.items()),
                   seed=args.seed, transfers=args.protocol != "iso8583")  # fmt: skip
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
-    with ServerUnderTest(args.target, args.protocol, args.sync, args.setup_target) as sut:
+    server_cpus, generator_cpus = pin_cpus() if args.pin else (None, None)
+    with ServerUnderTest(args.target, args.protocol, args.sync, args.setup_target, prefault=args.prefault,
+                         cpus=server_cpus) as sut:  # fmt: skip
         if not args.no_setup:
             if sut.setup is None:
                 raise ValueError("--protocol iso8583 with --target needs --setup-target HOST:PORT (the binary port) or --no-setup")
@@ -1602,7 +1616,7 @@ def run(args: argparse.Namespace) -> dict:
             host=sut.host, port=sut.port, codec=CODECS[args.protocol], workload=wl, connections=args.connections,
             processes=args.processes, batch=args.batch, window=args.window, rate=args.rate, warmup=args.warmup,
             duration=None if args.requests is not None else args.duration, requests=args.requests,
-            label=f"authcore {args.protocol}",
+            label=f"authcore {args.protocol}", cpus=generator_cpus,
         )  # fmt: skip
         result = drive(base, progress)
         result["protocol"] = args.protocol
@@ -1612,6 +1626,18 @@ def run(args: argparse.Namespace) -> dict:
             plot(result["sweep"], args.plot, result)
             result["plot"] = args.plot
     return result
+
+
+def pin_cpus() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(server CPUs, generator CPUs) for --pin: the server on the first CPU
+    this process may use, the generator on the others (the issues' "server
+    on one core, load generator on the other")."""
+    if not hasattr(os, "sched_getaffinity"):
+        raise ValueError("--pin needs Linux (sched_setaffinity)")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise ValueError(f"--pin needs at least 2 CPUs, this process may use {len(cpus)}")
+    return (cpus[0],), tuple(cpus[1:])
 
 
 def sweep(base: DriveSpec, top: float, progress: bool) -> list[dict]:

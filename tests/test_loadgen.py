@@ -10,6 +10,7 @@ and compare.py's table and JSON on fake results (no PostgreSQL or Redis).
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -430,3 +431,26 @@ def test_small_ramps_count_like_the_vectorised_ones(monkeypatch):
     for first, step, count in cases:
         b.add_ramp(first, step, count)
     assert np.array_equal(a.counts, b.counts) and a.max_us == b.max_us
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_pin_puts_server_and_generator_on_different_cpus(monkeypatch):
+    """--pin: a started server runs on one CPU (every thread: the mask is set
+    before exec), the generator processes on the others."""
+    server_cpus, generator_cpus = L.pin_cpus()
+    assert len(server_cpus) == 1 and generator_cpus and not set(server_cpus) & set(generator_cpus)
+    seen = {}
+    real_spawn = __import__("authcore.cli", fromlist=["spawn_server"]).spawn_server
+
+    def spawn(*a, **kw):
+        proc, ports = real_spawn(*a, **kw)
+        seen["server"] = os.sched_getaffinity(proc.pid)
+        seen["config"] = Path(kw["config_path"]).read_text()
+        return proc, ports
+
+    monkeypatch.setattr("authcore.cli.spawn_server", spawn)
+    r = L.run(parse(["--requests", "2000", "--accounts", "100", "--connections", "1", "--processes", "1",
+                     "--pin", "--prefault", "--no-progress"]))  # fmt: skip
+    _check(r, {"approved", "insufficient_funds"})
+    assert seen["server"] == set(server_cpus) and "prefault = true" in seen["config"]
+    assert r["options"]["pin"] and r["options"]["prefault"]

@@ -34,31 +34,22 @@ if SANITIZE:
     cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     ldflags += ["-fsanitize=address,undefined"]
 
+def extension(name: str) -> Extension:
+    """One Cython module, every one built with the same flags."""
+    return Extension(
+        name,
+        [name.replace(".", "/") + ".pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=macros,
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+
+
 extensions = [
-    Extension(
-        "authcore._kernel",
-        ["authcore/_kernel.pyx"],
-        include_dirs=[np.get_include()],
-        define_macros=macros,
-        extra_compile_args=cflags,
-        extra_link_args=ldflags,
-    ),
-    Extension(
-        "authcore.protocols._json_codec",
-        ["authcore/protocols/_json_codec.pyx"],
-        include_dirs=[np.get_include()],
-        define_macros=macros,
-        extra_compile_args=cflags,
-        extra_link_args=ldflags,
-    ),
-    Extension(
-        "authcore.protocols._iso_codec",
-        ["authcore/protocols/_iso_codec.pyx"],
-        include_dirs=[np.get_include()],
-        define_macros=macros,
-        extra_compile_args=cflags,
-        extra_link_args=ldflags,
-    ),
+    extension("authcore._kernel"),
+    extension("authcore.protocols._json_codec"),
+    extension("authcore.protocols._iso_codec"),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=DEBUG))

@@ -29,7 +29,10 @@ from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint8_t, uint16_t, uint3
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
+cimport numpy as cnp
 import numpy as np
+
+cnp.import_array()
 
 from authcore.constants import (
     ANSWER_DTYPE,
@@ -398,7 +401,7 @@ def parse_requests(list lines, Py_ssize_t start, Py_ssize_t line_max, out):
     cdef int got
     if len(out) < n - start:
         raise ValueError(f"out: {len(out)} rows for {n - start} lines")
-    cdef Request* rows = <Request*><size_t>out.ctypes.data
+    cdef Request* rows = <Request*>cnp.PyArray_DATA(<cnp.ndarray>out)  # not .ctypes: 1 us a call
     cdef bytes line
     while i < n:
         line = lines[i]
@@ -511,8 +514,8 @@ def encode_answers(requests, answers):
     requests = np.ascontiguousarray(requests)
     answers = np.ascontiguousarray(answers)
     cdef Py_ssize_t n = len(answers)
-    cdef const Request* q = <const Request*><size_t>requests.ctypes.data
-    cdef const Answer* a = <const Answer*><size_t>answers.ctypes.data
+    cdef const Request* q = <const Request*>cnp.PyArray_DATA(<cnp.ndarray>requests)
+    cdef const Answer* a = <const Answer*>cnp.PyArray_DATA(<cnp.ndarray>answers)
     cdef Py_ssize_t i
     for i in range(n):
         if a[i].status >= n_status:

@@ -41,4 +41,5 @@ def test_durability_bench_replays_and_recovers_to_the_live_digest(tmp_path):
     r = run_bench("durability.py", "--accounts", "10000", "--seconds", "0.5", "--dir", str(tmp_path))
     assert r["replay_digest_matches_live"] is True
     assert r["recovered_digest_matches_live"] is True
+    assert r["snapshot_load_digest_matches"] is True  # read back as recovery reads it
     assert r["always_over_none"] > 0 and r["snapshot_write_gb_per_s"] > 0

@@ -73,6 +73,24 @@ def setup(eng, wl):
         assert (a["status"] == Status.approved).all()
 
 
+SNAP = "snapshot"
+
+
+def logged_state(d, cfg, wl, *steps) -> str:
+    """A data dir that took ``wl``'s setup, then each step: that many load
+    batches, or SNAP for a synchronous snapshot.  Returns the live digest."""
+    st, eng, _ = start(d, cfg)
+    setup(eng, wl)
+    for step in steps:
+        if step == SNAP:
+            st.snapshot(eng, background=False)
+        else:
+            run_load(eng, wl, step)
+    live = eng.digest()
+    st.close()
+    return live
+
+
 def test_live_equals_snapshot_plus_tail_equals_full_replay(tmp_path):
     cfg = config()
     st, eng, rep = start(tmp_path, cfg)
@@ -126,15 +144,7 @@ def test_restart_continues_and_stays_exact(tmp_path):
 
 def test_corrupt_newest_snapshot_falls_back_to_older_then_to_full_replay(tmp_path):
     cfg = config(snapshots_kept=3)
-    wl = Workload(3, 300)
-    st, eng, _ = start(tmp_path, cfg)
-    setup(eng, wl)
-    for _ in range(3):
-        run_load(eng, wl, 10)
-        st.snapshot(eng, background=False)
-    run_load(eng, wl, 5)
-    live = eng.digest()
-    st.close()
+    live = logged_state(tmp_path, cfg, Workload(3, 300), 10, SNAP, 10, SNAP, 10, SNAP, 5)
     snaps = snap.list_snapshots(tmp_path / "snapshots")
     assert len(snaps) == 3
     for i, (seq, path) in enumerate(snaps):
@@ -394,14 +404,7 @@ def test_requests_are_logged_with_their_stamps(tmp_path):
 def test_damage_in_log_covered_by_snapshot_is_found_by_verify_not_needed_to_start(tmp_path):
     """Start validates what it replays; verify validates everything."""
     cfg = config()
-    wl = Workload(13, 200)
-    st, eng, _ = start(tmp_path, cfg)
-    setup(eng, wl)
-    run_load(eng, wl, 40)
-    st.snapshot(eng, background=False)
-    run_load(eng, wl, 5)
-    live = eng.digest()
-    st.close()
+    live = logged_state(tmp_path, cfg, Workload(13, 200), 40, SNAP, 5)
     segs = W.list_segments(tmp_path / "wal")
     assert len(segs) >= 3
     victim = next(r for r in W.read_records(tmp_path / "wal") if r.path == segs[0][1] and r.seq > 3)
@@ -424,13 +427,7 @@ def test_damage_in_log_covered_by_snapshot_is_found_by_verify_not_needed_to_star
 def test_snapshot_of_another_state_layout_is_skipped_for_the_log(tmp_path, monkeypatch):
     """A build whose tables are laid out differently replays the log instead."""
     cfg = config()
-    wl = Workload(7, 200)
-    st, eng, _ = start(tmp_path, cfg)
-    setup(eng, wl)
-    run_load(eng, wl, 5)
-    st.snapshot(eng, background=False)
-    live = eng.digest()
-    st.close()
+    live = logged_state(tmp_path, cfg, Workload(7, 200), 5, SNAP)
     monkeypatch.setattr(S, "digest_version", b"authcore-state-v0")
     _, rep = recovered_digest(tmp_path, cfg)
     assert rep.snapshot is None and len(rep.skipped_snapshots) == 1
@@ -466,16 +463,7 @@ def test_snapshot_damaged_halfway_through_loading_leaves_the_engine_clean(tmp_pa
     """Snapshots load straight into the new tables; one whose checksum fails
     after other arrays were already read must leave no trace."""
     cfg = config(snapshots_kept=2)
-    wl = Workload(13, 300)
-    st, eng, _ = start(tmp_path, cfg)
-    setup(eng, wl)
-    run_load(eng, wl, 10)
-    st.snapshot(eng, background=False)
-    run_load(eng, wl, 10)
-    st.snapshot(eng, background=False)
-    run_load(eng, wl, 5)
-    live = eng.digest()
-    st.close()
+    live = logged_state(tmp_path, cfg, Workload(13, 300), 10, SNAP, 10, SNAP, 5)
     newest = snap.list_snapshots(tmp_path / "snapshots")[0][1]
     info = snap.read_snapshot_info(newest)
     arrays = [a for a in info.arrays if a["nbytes"]]

@@ -454,3 +454,14 @@ def test_pin_puts_server_and_generator_on_different_cpus(monkeypatch):
     _check(r, {"approved", "insufficient_funds"})
     assert seen["server"] == set(server_cpus) and "prefault = true" in seen["config"]
     assert r["options"]["pin"] and r["options"]["prefault"]
+
+
+def test_open_loop_waits_shorter_than_epolls_millisecond_are_polled():
+    """epoll rounds timeouts up to whole milliseconds: an open loop's short
+    waits must poll (timeout 0), longer ones wake early and poll the rest."""
+    from authcore.loadgen import _select_timeout, spin_below_s
+
+    assert _select_timeout(0.00007, open_loop=True) == 0.0
+    assert _select_timeout(-1.0, open_loop=True) == 0.0
+    assert _select_timeout(0.01, open_loop=True) == pytest.approx(0.01 - spin_below_s)
+    assert _select_timeout(0.00007, open_loop=False) == 0.00007  # closed loop: wait for I/O

@@ -30,11 +30,12 @@ import asyncio
 import collections
 import concurrent.futures
 import enum
-import functools
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -465,6 +466,43 @@ class _TimedLog:
         return getattr(self.storage, name)
 
 
+class _Writer:
+    """The single writer thread: batches in through a queue, each result
+    back to the loop with one ``call_soon_threadsafe``.
+
+    Why not a ThreadPoolExecutor: an asyncio future wrapping its future
+    runs the done callback one loop turn after the result arrives, and the
+    two futures cost ~60 us of Python per batch; at 100k requests/s in
+    frames of 8 the hand-offs were a quarter of each group-commit cycle.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, work: Callable[..., Any], done: Callable[..., None]):
+        self._loop, self._work, self._done = loop, work, done
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="authcore-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: np.ndarray, prepares: list, segments: list) -> None:
+        self._queue.put((batch, prepares, segments))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch, prepares, segments = item
+            try:
+                result: Any = self._work(batch, prepares)
+            except BaseException as e:  # a prepare hook raised: the loop answers unavailable
+                result = e
+            try:
+                self._loop.call_soon_threadsafe(self._done, batch, segments, result)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                return
+
+    def shutdown(self) -> None:
+        """Stop after the batches already submitted."""
+        self._queue.put(None)
+        self._thread.join()
+
+
 def unavailable_answers(requests: np.ndarray) -> np.ndarray:
     """Every request of a batch answered ``unavailable`` (code 96)."""
     answers = np.zeros(len(requests), ANSWER_DTYPE)
@@ -489,7 +527,7 @@ class Server:
         self.storage = storage
         self.timed_log: _TimedLog | None = None
         self.loop = asyncio.get_running_loop()
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="authcore-writer")
+        self.writer = _Writer(self.loop, self._write, self._on_batch_done)
         self.pending: collections.deque[tuple[_Entry, int]] = collections.deque()  # (entry, records already batched)
         self.pending_count = 0
         self.writer_busy = False
@@ -581,8 +619,7 @@ class Server:
                 batch[start : start + count] = entry.requests[offset : offset + count]
         prepares = [(e.prepare, s, c) for e, s, _o, c in segments if e.prepare is not None]
         self.writer_busy = True
-        fut = self.loop.run_in_executor(self.executor, self._write, batch, prepares)
-        fut.add_done_callback(functools.partial(self._on_batch_done, batch, segments))
+        self.writer.submit(batch, prepares, segments)
 
     def _write(self, batch: np.ndarray, prepares: list) -> tuple[np.ndarray | None, float, float]:
         """Writer thread: prepare hooks, then log + decide the batch."""
@@ -622,13 +659,13 @@ class Server:
         except Exception:
             log.exception("snapshot failed (the log still holds everything)")
 
-    def _on_batch_done(self, batch: np.ndarray, segments: list, fut: asyncio.Future) -> None:
+    def _on_batch_done(self, batch: np.ndarray, segments: list, result: Any) -> None:
         self.writer_busy = False
-        try:
-            answers, submit_s, sync_s = fut.result()
-        except Exception:  # prepare hook raised: still answer, fail closed
-            log.exception("batch preparation failed; answered unavailable")
+        if isinstance(result, BaseException):  # prepare hook raised: still answer, fail closed
+            log.error("batch preparation failed; answered unavailable", exc_info=result)
             answers, submit_s, sync_s = None, 0.0, -1.0
+        else:
+            answers, submit_s, sync_s = result
         if answers is None:
             self.log_ok = False
             self.metrics.unavailable_batches.inc()
@@ -662,7 +699,7 @@ class Server:
                 s.transport.abort()
         if self._timer is not None:
             self._timer.cancel()
-        self.executor.shutdown(wait=True)
+        self.writer.shutdown()
         if self.security is not None:
             self.security.close()
 
@@ -755,7 +792,7 @@ async def start_engine(
             metrics_server.close()
         if server.security is not None:
             server.security.close()
-        server.executor.shutdown()
+        server.writer.shutdown()
         raise
     server.start_timer()
     order = ("binary", "json", "iso8583", "metrics")

@@ -26,8 +26,10 @@ while writing, compression, encryption.  ``sync="none"`` skips
 Layout
 ------
 A segment is a file ``wal-<first seq, 20 digits>.log`` preallocated to
-``segment_bytes`` (zeros after the last record).  A record is a 64-byte
-header followed by its body padded with zeros to a multiple of 64 bytes:
+``segment_bytes`` by writing zeros (:func:`zero_fill`; zeros after the last
+record), the next one filled ahead by a helper thread (:class:`_Spare`).
+A record is a 64-byte header followed by its body padded with zeros to a
+multiple of 64 bytes:
 
 =======  ====  =====================================================
 offset   size  field
@@ -63,7 +65,8 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import crc32c as _crc32c
@@ -90,6 +93,13 @@ segment_bytes_default = 64 << 20  # bounded files: cheap to preallocate,
 # to copy aside for forensics and to delete once a snapshot covers them.
 segment_bytes_min = 4096  # tiny segments are for tests of rotation.
 drop_cache_bytes_min = 64 << 10  # synced log pages leave the page cache in runs of this (one fadvise each)
+zero_chunk_bytes = 256 << 10  # zero-filling writes this much per call (O_DIRECT where possible)
+zero_align = 4096  # segment sizes round up to this: O_DIRECT writes whole blocks
+spare_name = "wal-spare.tmp"  # the next segment, zero-filled ahead (".tmp": removed at open)
+spare_start_fraction = 0.25  # the spare starts when the current segment is this full...
+spare_finish_fraction = 0.75  # ...and keeps pace to be done by this fill
+spare_lead_fraction = 0.05  # how far the spare may run ahead of that pace
+spare_poll_seconds = 0.002  # how often a paced spare looks at the writer's progress
 write_chunk_bytes_max = 1 << 30  # stay far below Linux's 2 GiB write limit.
 
 SEGMENT_RE = re.compile(r"^wal-(\d{20})\.log$")
@@ -126,6 +136,113 @@ class CorruptLog(Exception):
 def crc32c(data: Any, value: int = 0) -> int:
     """CRC32C (Castagnoli) of a bytes-like object, continuing from ``value``."""
     return _crc32c.crc32c(data, value)
+
+
+def zero_fill(path: str, size: int, keep_pace: Callable[[int], bool] | None = None) -> None:
+    """Create ``path`` as ``size`` bytes of written zeros, synced.
+
+    Why not ``posix_fallocate``: ext4 marks fallocated blocks *unwritten*,
+    so every ``fdatasync`` after an append into them must also commit the
+    extent conversion to the journal.  Measured here (4 KiB appends):
+    fallocated p50 136-205 us, p99 254-331 us, max 0.6-4.4 ms; zero-filled
+    p50 103-135 us, p99 165-205 us, max 0.2-0.4 ms.  PostgreSQL zero-fills
+    its WAL segments for the same reason.
+
+    The zeros go through O_DIRECT where the filesystem allows (no page
+    cache: no CPU copy and no fresh page-cache pages), else buffered.
+    ``keep_pace(written)`` is asked after every chunk; it may sleep, and
+    returns False to give up (the file is then removed).
+    """
+    assert size % zero_align == 0, size
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    direct = getattr(os, "O_DIRECT", 0)
+    fd = -1
+    if direct:
+        try:
+            fd = os.open(path, flags | direct, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT
+                raise
+    if fd < 0:
+        direct = 0
+        fd = os.open(path, flags, 0o644)
+    zeros = mmap.mmap(-1, zero_chunk_bytes)  # page-aligned, as O_DIRECT needs
+    try:
+        off = 0
+        while off < size:
+            n = os.pwrite(fd, memoryview(zeros)[: min(zero_chunk_bytes, size - off)], off)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write while zero-filling a segment")
+            off += n
+            if keep_pace is not None and not keep_pace(off):
+                raise _Cancelled
+        os.fsync(fd)
+        if not direct:
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    finally:
+        zeros.close()
+    os.close(fd)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Spare:
+    """The next segment, zero-filled by a helper thread while the writer
+    fills the current one, so that a rollover renames a file instead of
+    writing 64 MiB (~40-60 ms here) on the path of a batch.
+
+    It keeps pace with the log: from a quarter of the current segment to
+    three quarters, the spare's share written follows the log's, so it
+    writes gently at 100k requests/s and fast at 1M+.  The file is named
+    ``wal-spare.tmp``: never read as a segment, removed at open.
+    """
+
+    def __init__(self, directory: str, capacity: int, fill: Callable[[], float]):
+        self.path = os.path.join(directory, spare_name)
+        self.capacity = capacity
+        self._fill = fill  # the writer's current segment: offset / capacity
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="authcore-wal-spare", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            zero_fill(self.path, self.capacity, self._keep_pace)
+        except (OSError, _Cancelled):  # disk full, or closing: the writer makes its own segment
+            return
+        self.ready.set()
+
+    def _keep_pace(self, written: int) -> bool:
+        span = spare_finish_fraction - spare_start_fraction
+        while not self._stop.is_set():
+            due = (self._fill() - spare_start_fraction) / span + spare_lead_fraction
+            if written < due * self.capacity:
+                return True
+            self._stop.wait(spare_poll_seconds)
+        return False
+
+    def failed(self) -> bool:
+        """Gave up (disk full): the writer starts another at its next segment."""
+        return not self._thread.is_alive() and not self.ready.is_set()
+
+    def discard(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        _unlink_quietly(self.path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def segment_name(first_seq: int) -> str:
@@ -617,6 +734,7 @@ class Wal:
         self.tail = scan.tail
         self.appended_records = 0
         self.syncs = 0
+        self._spare: _Spare | None = None
         self._apply_tail(scan)
         segs = list_segments(directory)
         if not segs or segs[-1][1] != scan.tail.path:
@@ -684,25 +802,34 @@ class Wal:
     # -- segments ---------------------------------------------------------------------
 
     def _create_segment(self, first_seq: int, capacity: int) -> None:
-        """Create, preallocate and durably name a new segment; switch to it."""
+        """Create, zero-fill and durably name a new segment; switch to it.
+
+        The spare is renamed when it is finished and big enough; otherwise
+        the segment is filled here (and a spare still filling waits for the
+        next rollover).
+        """
         path = os.path.join(self.directory, segment_name(first_seq))
         tmp = path + ".tmp"
+        capacity = -(-capacity // zero_align) * zero_align
+        spare = self._spare
+        if spare is not None and spare.failed():
+            spare.discard()
+            spare = self._spare = None
         fd = -1
         try:
             self.fault.before_create(self, path)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            os.posix_fallocate(fd, 0, capacity)
-            os.fsync(fd)
-            os.rename(tmp, path)
+            if spare is not None and spare.ready.is_set() and spare.capacity >= capacity:
+                self._spare = None
+                capacity = spare.capacity
+                os.rename(spare.path, path)
+            else:
+                zero_fill(tmp, capacity)
+                os.rename(tmp, path)
             fsync_dir(self.directory)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            if fd >= 0:
-                os.close(fd)
             for p in (tmp, path):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+                _unlink_quietly(p)
             raise Unavailable(f"cannot create log segment {path}: {os.strerror(e.errno or errno.EIO)}") from e
         if self._fd >= 0:
             os.close(self._fd)
@@ -748,6 +875,9 @@ class Wal:
         assert total <= max(record_bytes_max, header_size + padded(config_body_bytes_max))
         if self.offset > 0 and self.offset + total > self.capacity:
             self._create_segment(seq, max(self.segment_bytes, total))
+        if self._spare is None and self.offset >= self.capacity * spare_start_fraction:
+            self._spare = _Spare(self.directory, -(-self.segment_bytes // zero_align) * zero_align,
+                                 lambda: self.offset / self.capacity)
         bufs: list[Any] = [raw, body]
         if pad:
             bufs.append(b"\0" * pad)
@@ -856,6 +986,9 @@ class Wal:
                 except Unavailable:
                     pass
         finally:
+            if self._spare is not None:
+                self._spare.discard()
+                self._spare = None
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1

@@ -125,6 +125,101 @@ def test_segments_are_preallocated(tmp_path, rng):
     assert st.st_blocks * 512 >= SEG  # blocks really allocated, not a sparse file
 
 
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+
+
+def unwritten_extents(path) -> int | None:
+    """How many of the file's extents are *unwritten* (FIEMAP), or None
+    where the filesystem cannot say."""
+    import fcntl
+    import struct
+
+    count = 64
+    out = bytearray(struct.pack("=QQIIII", 0, 2**64 - 1, 1, 0, count, 0) + bytes(56 * count))  # flags: FIEMAP_FLAG_SYNC
+    with open(path, "rb") as f:
+        try:
+            fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, out)  # fills ``out`` in place
+        except OSError:
+            return None
+    mapped = struct.unpack_from("=I", out, 20)[0]
+    flags = [struct.unpack_from("=I", out, 32 + 56 * i + 40)[0] for i in range(mapped)]
+    return sum(1 for f in flags if f & FIEMAP_EXTENT_UNWRITTEN)
+
+
+def test_segments_are_zero_filled_so_syncs_convert_no_extents(tmp_path, rng):
+    """A fallocated segment is *unwritten* on ext4: every fdatasync after an
+    append would also journal the extent conversion.  Zero-filled, it is not."""
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, SEG)
+    if not unwritten_extents(probe):
+        pytest.skip("no unwritten extents on this filesystem (or no FIEMAP): nothing to tell apart")
+    logdir = tmp_path / "wal"
+    write_log(logdir, rng, [3])
+    (_, path), = W.list_segments(logdir)
+    assert unwritten_extents(path) == 0
+
+
+def fill_until(w, rng, stamp, done, limit=100_000):
+    for _ in range(limit):
+        if done():
+            return stamp
+        w.append_batch(stamp, batch(rng, 20))
+        stamp += 100
+    raise AssertionError("condition never met")
+
+
+def test_rollover_renames_the_spare_zero_filled_in_the_background(tmp_path, rng):
+    seg = 256 * 1024
+    w = W.Wal.open(tmp_path, segment_bytes=seg)
+    stamp = fill_until(w, rng, 1000, lambda: w._spare is not None)
+    assert w.offset >= seg * W.spare_start_fraction
+    stamp = fill_until(w, rng, stamp, lambda: w._spare.ready.wait(0.01))  # it keeps pace with the log
+    assert w.offset < seg  # ready before the segment is full
+    spare_inode = os.stat(tmp_path / W.spare_name).st_ino
+    first = W.list_segments(tmp_path)[-1][0]
+    fill_until(w, rng, stamp, lambda: W.list_segments(tmp_path)[-1][0] != first)
+    (_, new_path) = W.list_segments(tmp_path)[-1]
+    assert os.stat(new_path).st_ino == spare_inode
+    assert os.path.getsize(new_path) == seg
+    w.close()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # close discards a spare
+    assert [r.seq for r in read_all(tmp_path)] == list(range(1, w.next_seq))
+
+
+def test_a_failed_spare_is_replaced_at_the_next_segment(tmp_path, rng, monkeypatch):
+    """A spare that could not be made (disk full) leaves the writer to zero
+    its segment itself, once, and the next segment gets a new spare."""
+    real = W.zero_fill
+
+    def spare_fails(path, size, keep_pace=None):
+        if keep_pace is not None:  # only the spare is paced
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, size, keep_pace)
+
+    monkeypatch.setattr(W, "zero_fill", spare_fails)
+    w = W.Wal.open(tmp_path, segment_bytes=64 * 1024)
+    stamp = fill_until(w, rng, 1000, lambda: w._spare is not None)
+    w._spare._thread.join()
+    assert w._spare.failed()
+    first = W.list_segments(tmp_path)[-1][0]
+    stamp = fill_until(w, rng, stamp, lambda: W.list_segments(tmp_path)[-1][0] != first)
+    assert w._spare is None or not w._spare.failed()  # discarded at the rollover
+    monkeypatch.setattr(W, "zero_fill", real)
+    fill_until(w, rng, stamp, lambda: w._spare is not None and w._spare.ready.wait(0.01))
+    w.close()
+    assert [r.seq for r in read_all(tmp_path)] == list(range(1, w.next_seq))
+
+
+def test_a_spare_left_by_a_crash_is_removed_at_open(tmp_path, rng):
+    recs = write_log(tmp_path, rng, [5, 6])
+    (tmp_path / W.spare_name).write_bytes(b"half-written spare")
+    W.Wal.open(tmp_path, segment_bytes=SEG).close()
+    assert not (tmp_path / W.spare_name).exists()
+    assert [r.requests().tobytes() for r in read_all(tmp_path)] == [q.tobytes() for _, _, q in recs]
+
+
 def cached_fraction(path, nbytes: int) -> float:
     """Share of the file's first ``nbytes`` in the page cache (mincore(2))."""
     import ctypes

@@ -95,8 +95,9 @@ recv_bytes = 1 << 20
 open_loop_linger_s = 0.001  # open loop: a due request waits at most this for company in its frame
 # epoll (Python's selectors) rounds a timeout *up* to whole milliseconds, so
 # a 70 µs wait for the next due request slept ~1 ms, and the open loop
-# charged that lateness to the server as latency.  Waits shorter than this
-# poll without blocking instead (the generator's core spins; it has one).
+# charged that lateness to the server as latency.  A pinned open-loop worker
+# (--pin: a core of its own) polls instead for waits shorter than this; an
+# unpinned one sleeps, so as not to take a core from the server it measures.
 spin_below_s = 0.0015
 small_frame_records = 32  # frames up to this size are patched and timed in plain Python (open loop at
 # 100k requests/s in frames of 8 spent a whole core in numpy call overhead)
@@ -841,10 +842,10 @@ class WorkerSpec:
     cpus: tuple[int, ...] | None = None  # run on these CPUs only (--pin)
 
 
-def _select_timeout(wait_s: float, open_loop: bool) -> float:
-    """The selector timeout for a wait of ``wait_s``: 0 (poll) for an open
-    loop's short waits, else the wait less the part epoll would overshoot."""
-    if not open_loop or wait_s <= 0.0:
+def _select_timeout(wait_s: float, spin: bool) -> float:
+    """The selector timeout for a wait of ``wait_s``: when spinning, 0 (poll)
+    for short waits, else the wait less the part epoll would overshoot."""
+    if not spin or wait_s <= 0.0:
         return max(0.0, wait_s)
     if wait_s < spin_below_s:
         return 0.0
@@ -966,7 +967,7 @@ class _Worker:
             if now - last_report >= progress_interval_s:
                 self._report()
                 last_report = now
-            events = sel.select(_select_timeout(wake - time.perf_counter(), bool(s.rate)))
+            events = sel.select(_select_timeout(wake - time.perf_counter(), bool(s.rate and s.cpus)))
             if events:
                 last_io = time.perf_counter()
             elif time.perf_counter() - last_io > io_timeout_s:

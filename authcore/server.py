@@ -479,10 +479,13 @@ class _Writer:
     def __init__(self, loop: asyncio.AbstractEventLoop, work: Callable[..., Any], done: Callable[..., None]):
         self._loop, self._work, self._done = loop, work, done
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # A daemon: exiting without drain() must not hang on a blocked get();
+        # a batch cut off mid-write was never acknowledged (the log's crash case).
         self._thread = threading.Thread(target=self._run, name="authcore-writer", daemon=True)
         self._thread.start()
 
     def submit(self, batch: np.ndarray, prepares: list, segments: list) -> None:
+        assert self._thread.is_alive(), "writer: submit after shutdown"
         self._queue.put((batch, prepares, segments))
 
     def _run(self) -> None:
@@ -490,7 +493,7 @@ class _Writer:
             batch, prepares, segments = item
             try:
                 result: Any = self._work(batch, prepares)
-            except BaseException as e:  # a prepare hook raised: the loop answers unavailable
+            except BaseException as e:  # a prepare hook or a bug: the loop answers unavailable
                 result = e
             try:
                 self._loop.call_soon_threadsafe(self._done, batch, segments, result)
@@ -661,8 +664,8 @@ class Server:
 
     def _on_batch_done(self, batch: np.ndarray, segments: list, result: Any) -> None:
         self.writer_busy = False
-        if isinstance(result, BaseException):  # prepare hook raised: still answer, fail closed
-            log.error("batch preparation failed; answered unavailable", exc_info=result)
+        if isinstance(result, BaseException):  # a prepare hook or a bug: still answer, fail closed
+            log.error("writer failed; batch of %d answered unavailable", len(batch), exc_info=result)
             answers, submit_s, sync_s = None, 0.0, -1.0
         else:
             answers, submit_s, sync_s = result

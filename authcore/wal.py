@@ -19,8 +19,9 @@ Goals
   the cut fails the log refuses every later append until it is reopened
   (recovery then trusts only what the disk holds).
 
-Non-goals: concurrency (one writer thread owns a :class:`Wal`), reading
-while writing, compression, encryption.  ``sync="none"`` skips
+Non-goals: concurrency (one writer thread owns a :class:`Wal`; the spare
+thread touches only ``wal-spare.tmp`` and reads the writer's offset),
+reading while writing, compression, encryption.  ``sync="none"`` skips
 ``fdatasync`` and is *not durable*: benchmarks only.
 
 Layout
@@ -99,8 +100,11 @@ spare_name = "wal-spare.tmp"  # the next segment, zero-filled ahead (".tmp": rem
 spare_start_fraction = 0.25  # the spare starts when the current segment is this full...
 spare_finish_fraction = 0.75  # ...and keeps pace to be done by this fill
 spare_lead_fraction = 0.05  # how far the spare may run ahead of that pace
-spare_poll_seconds = 0.002  # how often a paced spare looks at the writer's progress
+spare_poll_seconds = 0.01  # how often a paced spare looks at the writer's progress (each look takes the GIL)
 write_chunk_bytes_max = 1 << 30  # stay far below Linux's 2 GiB write limit.
+
+_zero_page = memoryview(bytes(mmap.PAGESIZE))
+_zero_chunk = memoryview(mmap.mmap(-1, zero_chunk_bytes))  # page-aligned zeros, as O_DIRECT needs; never written
 
 SEGMENT_RE = re.compile(r"^wal-(\d{20})\.log$")
 SYNC_MODES = ("always", "none")
@@ -110,6 +114,9 @@ assert request_size == record_align  # a batch body needs no padding.
 assert REQUEST_DTYPE.itemsize == request_size
 assert segment_bytes_default >= record_bytes_max
 assert segment_bytes_min % record_align == 0
+assert zero_chunk_bytes % zero_align == 0 and zero_align % mmap.PAGESIZE == 0 and segment_bytes_min % zero_align == 0
+assert drop_cache_bytes_min % mmap.PAGESIZE == 0
+assert 0 < spare_start_fraction < spare_finish_fraction < 1
 
 
 class Unavailable(Exception):
@@ -154,38 +161,60 @@ def zero_fill(path: str, size: int, keep_pace: Callable[[int], bool] | None = No
     returns False to give up (the file is then removed).
     """
     assert size % zero_align == 0, size
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    direct = getattr(os, "O_DIRECT", 0)
-    fd = -1
-    if direct:
-        try:
-            fd = os.open(path, flags | direct, 0o644)
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT
-                raise
-    if fd < 0:
-        direct = 0
-        fd = os.open(path, flags, 0o644)
-    zeros = mmap.mmap(-1, zero_chunk_bytes)  # page-aligned, as O_DIRECT needs
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
+        # O_DIRECT switched on after a plain open: where a filesystem refuses
+        # it, open(O_DIRECT) creates the file *and then* fails.
+        direct = _set_direct(fd, True)
         off = 0
         while off < size:
-            n = os.pwrite(fd, memoryview(zeros)[: min(zero_chunk_bytes, size - off)], off)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write while zero-filling a segment")
+            chunk = _zero_chunk[: min(zero_chunk_bytes, size - off)]
+            try:
+                n = os.pwrite(fd, chunk, off)
+            except OSError as e:
+                if not (direct and e.errno == errno.EINVAL):
+                    raise
+                direct = _set_direct(fd, False)  # alignment refused: buffered from here
+                n = os.pwrite(fd, chunk, off)
+            if n != len(chunk):
+                raise OSError(errno.ENOSPC, "short write while zero-filling a segment")
             off += n
             if keep_pace is not None and not keep_pace(off):
                 raise _Cancelled
         os.fsync(fd)
-        if not direct:
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
     except BaseException:
         os.close(fd)
         _unlink_quietly(path)
         raise
-    finally:
-        zeros.close()
+    if not direct:
+        _fadvise_dontneed(fd, 0, size)
     os.close(fd)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for ``fd``; returns whether it is on."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | direct) if on else (flags & ~direct))
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False
+    return on
+
+
+def _fadvise_dontneed(fd: int, offset: int, nbytes: int) -> bool:
+    """Drop clean pages from the page cache; advisory, so a failure loses nothing."""
+    try:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        return False
+    return True
 
 
 class _Cancelled(Exception):
@@ -209,6 +238,8 @@ class _Spare:
         self._fill = fill  # the writer's current segment: offset / capacity
         self.ready = threading.Event()
         self._stop = threading.Event()
+        self._hurry = threading.Event()  # rollover came first: fill at full speed
+        self._wake = threading.Event()  # set with either of the two above
         self._thread = threading.Thread(target=self._run, name="authcore-wal-spare", daemon=True)
         self._thread.start()
 
@@ -222,18 +253,26 @@ class _Spare:
     def _keep_pace(self, written: int) -> bool:
         span = spare_finish_fraction - spare_start_fraction
         while not self._stop.is_set():
+            if self._hurry.is_set():
+                return True
             due = (self._fill() - spare_start_fraction) / span + spare_lead_fraction
             if written < due * self.capacity:
                 return True
-            self._stop.wait(spare_poll_seconds)
+            self._wake.wait(spare_poll_seconds)
         return False
 
-    def failed(self) -> bool:
-        """Gave up (disk full): the writer starts another at its next segment."""
-        return not self._thread.is_alive() and not self.ready.is_set()
+    def finish(self) -> bool:
+        """At a rollover: let the spare fill at full speed and wait for it
+        (what is left of it is less than a whole segment made here).
+        Returns whether it is ready."""
+        self._hurry.set()
+        self._wake.set()
+        self._thread.join()
+        return self.ready.is_set()
 
     def discard(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join()
         _unlink_quietly(self.path)
 
@@ -812,24 +851,26 @@ class Wal:
         tmp = path + ".tmp"
         capacity = -(-capacity // zero_align) * zero_align
         spare = self._spare
-        if spare is not None and spare.failed():
-            spare.discard()
-            spare = self._spare = None
+        if spare is not None and spare.capacity < capacity:
+            spare = None  # a record bigger than a segment: made here; the spare waits for the next one
         fd = -1
         try:
             self.fault.before_create(self, path)
-            if spare is not None and spare.ready.is_set() and spare.capacity >= capacity:
-                self._spare = None
+            if spare is not None and spare.finish():
                 capacity = spare.capacity
                 os.rename(spare.path, path)
             else:
                 zero_fill(tmp, capacity)
                 os.rename(tmp, path)
+            if spare is not None:
+                self._spare = None  # used, or failed (disk full): the next segment starts another
             fsync_dir(self.directory)
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            for p in (tmp, path):
+            for p in (tmp, path) + ((spare.path,) if spare is not None else ()):
                 _unlink_quietly(p)
+            if spare is not None:
+                self._spare = None
             raise Unavailable(f"cannot create log segment {path}: {os.strerror(e.errno or errno.EIO)}") from e
         if self._fd >= 0:
             os.close(self._fd)
@@ -877,15 +918,22 @@ class Wal:
             self._create_segment(seq, max(self.segment_bytes, total))
         if self._spare is None and self.offset >= self.capacity * spare_start_fraction:
             self._spare = _Spare(self.directory, -(-self.segment_bytes // zero_align) * zero_align,
-                                 lambda: self.offset / self.capacity)
+                                 lambda: self.offset / max(self.capacity, 1))
         bufs: list[Any] = [raw, body]
         if pad:
             bufs.append(b"\0" * pad)
+        # Write the last page whole (zeros past the record, which is what the
+        # segment holds there): a partial write to a page that is not cached
+        # makes the kernel read it from disk first, on the batch's path, and
+        # the zero-filled segment's pages are not cached.
+        page_end = min(self.capacity, -(-(self.offset + total) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if page_end > self.offset + total:
+            bufs.append(_zero_page[: page_end - self.offset - total])
         start = self.offset
         assert start == self.good_offset and start % record_align == 0
         try:
             self.fault.before_write(self, start, total)
-            self._write_all(bufs, start, total)
+            self._write_all(bufs, start, max(total, page_end - start))
             self.fault.before_sync(self)
             if self.sync_mode == "always":
                 os.fdatasync(self._fd)
@@ -918,13 +966,8 @@ class Wal:
         here loses nothing, so it is ignored.
         """
         end = synced_end - synced_end % mmap.PAGESIZE
-        if end - self._dropped < drop_cache_bytes_min:
-            return
-        try:
-            os.posix_fadvise(self._fd, self._dropped, end - self._dropped, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            return
-        self._dropped = end
+        if end - self._dropped >= drop_cache_bytes_min and _fadvise_dontneed(self._fd, self._dropped, end - self._dropped):
+            self._dropped = end
 
     def _write_all(self, bufs: list[Any], offset: int, total: int) -> None:
         written = os.pwritev(self._fd, bufs, offset)

@@ -457,11 +457,12 @@ def test_pin_puts_server_and_generator_on_different_cpus(monkeypatch):
 
 
 def test_open_loop_waits_shorter_than_epolls_millisecond_are_polled():
-    """epoll rounds timeouts up to whole milliseconds: an open loop's short
-    waits must poll (timeout 0), longer ones wake early and poll the rest."""
+    """epoll rounds timeouts up to whole milliseconds: a pinned open loop's
+    short waits must poll (timeout 0), longer ones wake early and poll the
+    rest; otherwise (closed loop, or no core of its own) it just waits."""
     from authcore.loadgen import _select_timeout, spin_below_s
 
-    assert _select_timeout(0.00007, open_loop=True) == 0.0
-    assert _select_timeout(-1.0, open_loop=True) == 0.0
-    assert _select_timeout(0.01, open_loop=True) == pytest.approx(0.01 - spin_below_s)
-    assert _select_timeout(0.00007, open_loop=False) == 0.00007  # closed loop: wait for I/O
+    assert _select_timeout(0.00007, spin=True) == 0.0
+    assert _select_timeout(-1.0, spin=True) == 0.0
+    assert _select_timeout(0.01, spin=True) == pytest.approx(0.01 - spin_below_s)
+    assert _select_timeout(0.00007, spin=False) == 0.00007

@@ -175,10 +175,11 @@ def test_rollover_renames_the_spare_zero_filled_in_the_background(tmp_path, rng)
     w = W.Wal.open(tmp_path, segment_bytes=seg)
     stamp = fill_until(w, rng, 1000, lambda: w._spare is not None)
     assert w.offset >= seg * W.spare_start_fraction
-    stamp = fill_until(w, rng, stamp, lambda: w._spare.ready.wait(0.01))  # it keeps pace with the log
-    assert w.offset < seg  # ready before the segment is full
-    spare_inode = os.stat(tmp_path / W.spare_name).st_ino
     first = W.list_segments(tmp_path)[-1][0]
+    stamp = fill_until(w, rng, stamp, lambda: w._spare.ready.wait(0.01))  # it keeps pace with the log
+    assert W.list_segments(tmp_path)[-1][0] == first  # ready before the rollover
+    assert w.offset <= seg * (W.spare_finish_fraction + 0.1)
+    spare_inode = os.stat(tmp_path / W.spare_name).st_ino
     fill_until(w, rng, stamp, lambda: W.list_segments(tmp_path)[-1][0] != first)
     (_, new_path) = W.list_segments(tmp_path)[-1]
     assert os.stat(new_path).st_ino == spare_inode
@@ -201,15 +202,82 @@ def test_a_failed_spare_is_replaced_at_the_next_segment(tmp_path, rng, monkeypat
     monkeypatch.setattr(W, "zero_fill", spare_fails)
     w = W.Wal.open(tmp_path, segment_bytes=64 * 1024)
     stamp = fill_until(w, rng, 1000, lambda: w._spare is not None)
-    w._spare._thread.join()
-    assert w._spare.failed()
+    failed = w._spare
+    failed._thread.join()
+    assert not failed.ready.is_set()
     first = W.list_segments(tmp_path)[-1][0]
     stamp = fill_until(w, rng, stamp, lambda: W.list_segments(tmp_path)[-1][0] != first)
-    assert w._spare is None or not w._spare.failed()  # discarded at the rollover
+    assert w._spare is None  # made here, and the failed spare forgotten
     monkeypatch.setattr(W, "zero_fill", real)
     fill_until(w, rng, stamp, lambda: w._spare is not None and w._spare.ready.wait(0.01))
     w.close()
     assert [r.seq for r in read_all(tmp_path)] == list(range(1, w.next_seq))
+
+
+def test_a_spare_still_filling_at_rollover_is_hurried_and_used(tmp_path, rng, monkeypatch):
+    """A log outrunning its spare: the rollover finishes the spare at full
+    speed rather than zero-filling a second file of its own."""
+    monkeypatch.setattr(W, "spare_lead_fraction", -10.0)  # the spare never gets ahead by itself
+    w = W.Wal.open(tmp_path, segment_bytes=256 * 1024)
+    stamp = fill_until(w, rng, 1000, lambda: w._spare is not None)
+    spare_inode = os.stat(tmp_path / W.spare_name).st_ino
+    assert not w._spare.ready.is_set()
+    first = W.list_segments(tmp_path)[-1][0]
+    fill_until(w, rng, stamp, lambda: W.list_segments(tmp_path)[-1][0] != first)
+    assert os.stat(W.list_segments(tmp_path)[-1][1]).st_ino == spare_inode
+    assert w._spare is None
+    w.close()
+    assert [r.seq for r in read_all(tmp_path)] == list(range(1, w.next_seq))
+
+
+def test_zero_fill_falls_back_to_buffered_writes(tmp_path, monkeypatch):
+    """Where O_DIRECT is refused (some filesystems at fcntl, others at the
+    first write) the zeros are written through the page cache instead."""
+    import fcntl
+
+    real_fcntl, real_pwrite = fcntl.fcntl, os.pwrite
+
+    def no_direct_fcntl(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", no_direct_fcntl)
+    W.zero_fill(str(tmp_path / "a"), 64 * 1024)
+    monkeypatch.setattr(fcntl, "fcntl", real_fcntl)
+
+    def direct_write_refused(fd, data, offset):
+        if real_fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", direct_write_refused)
+    W.zero_fill(str(tmp_path / "b"), 64 * 1024)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    for name in ("a", "b"):
+        assert (tmp_path / name).read_bytes() == bytes(64 * 1024)
+
+
+def _read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs /proc/self/io")
+def test_appends_never_read_the_segment_back(tmp_path, rng):
+    """Records are smaller than a page and the zero-filled segment is not
+    cached: a partial page write would make the kernel read the page from
+    disk first, on the batch's path.  Appends write their last page whole."""
+    w = W.Wal.open(tmp_path, segment_bytes=1 << 20)
+    before = _read_bytes()
+    stamp = 1000
+    for _ in range(64):  # 128-byte records over two pages
+        w.append_batch(stamp, batch(rng, 1))
+        stamp += 10
+    after = _read_bytes()
+    w.close()
+    assert after - before == 0
+    assert len(read_all(tmp_path)) == 64
 
 
 def test_a_spare_left_by_a_crash_is_removed_at_open(tmp_path, rng):

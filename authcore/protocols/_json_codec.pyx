@@ -504,7 +504,7 @@ cdef char* encode_one(char* o, const Request* q, const Answer* a) noexcept nogil
     return o
 
 
-cdef Py_ssize_t encode_nogil_min = 4096  # answers: below this, encode holding the GIL
+cdef Py_ssize_t encode_nogil_answers_min = 4096  # answers: below this, encode holding the GIL
 
 
 cdef char* encode_all(char* o, const Request* q, const Answer* a, Py_ssize_t n) noexcept nogil:
@@ -540,7 +540,7 @@ def encode_answers(requests, answers):
         # The loop thread encodes; releasing the GIL hands it to the writer
         # thread, and getting it back cost more than encoding a few answers
         # (py-spy: 12% of the loop thread at 100k requests/s in frames of 8).
-        if n >= encode_nogil_min:
+        if n >= encode_nogil_answers_min:
             with nogil:
                 o = encode_all(o, q, a, n)
         else:

@@ -843,9 +843,9 @@ class Wal:
     def _create_segment(self, first_seq: int, capacity: int) -> None:
         """Create, zero-fill and durably name a new segment; switch to it.
 
-        The spare is renamed when it is finished and big enough; otherwise
-        the segment is filled here (and a spare still filling waits for the
-        next rollover).
+        The spare is used when it is big enough: one still filling is told
+        to hurry and waited for.  Otherwise (none, too small for a record
+        bigger than a segment, or failed) the segment is filled here.
         """
         path = os.path.join(self.directory, segment_name(first_seq))
         tmp = path + ".tmp"
@@ -867,9 +867,10 @@ class Wal:
             fsync_dir(self.directory)
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            for p in (tmp, path) + ((spare.path,) if spare is not None else ()):
+            for p in (tmp, path):
                 _unlink_quietly(p)
-            if spare is not None:
+            if spare is not None:  # stopped and removed; the next segment starts another
+                spare.discard()
                 self._spare = None
             raise Unavailable(f"cannot create log segment {path}: {os.strerror(e.errno or errno.EIO)}") from e
         if self._fd >= 0:

@@ -486,6 +486,13 @@ cdef inline int64_t* merchant_row(State* S, uint64_t merchant, bint create, int6
     return r
 
 
+cdef inline int64_t ring_next(int64_t pos, int64_t n) noexcept nogil:
+    """(pos + 1) % n for 0 <= pos < n, without a division (~30 cycles of
+    latency on every spend, twice or three times)."""
+    pos += 1
+    return 0 if pos >= n else pos
+
+
 cdef inline void record_attempt(State* S, Account* a, uint32_t row, uint64_t merchant,
                                 int64_t amount, int64_t now, bint declined) noexcept nogil:
     cdef int64_t* r = activity_claim(S, a, row, now)
@@ -495,15 +502,15 @@ cdef inline void record_attempt(State* S, Account* a, uint32_t row, uint64_t mer
     cdef int64_t vpos = act_vpos(r)
     cdef int64_t cpos = act_cpos(r)
     r[ACT_HEADER + vpos] = now
-    vpos = (vpos + 1) % n_v
+    vpos = ring_next(vpos, n_v)
     if amount <= S.rules.card_max_amount:
         r[ACT_HEADER + n_v + cpos] = now
-        cpos = (cpos + 1) % n_c
+        cpos = ring_next(cpos, n_c)
     act_set_header(r, act_owner(r), vpos, cpos)
     if merchant != 0:
         m = merchant_row(S, merchant, True, now)
         m[M_HEADER + m[M_POS]] = -now if declined else now
-        m[M_POS] = (m[M_POS] + 1) % S.rules.burst_last
+        m[M_POS] = ring_next(m[M_POS], S.rules.burst_last)
 
 
 cdef int64_t fraud_score(State* S, Account* a, uint32_t row, Request* r, int64_t now,
@@ -514,7 +521,7 @@ cdef int64_t fraud_score(State* S, Account* a, uint32_t row, Request* r, int64_t
     cdef int64_t score = 0
     cdef int64_t* act = activity_row(S, a, row)
     cdef int64_t* m
-    cdef int64_t i, s, declines
+    cdef int64_t i, declines, decline_below
     if act != NULL:
         # The ring holds the last N attempts; N of them fall in the window
         # exactly when the oldest of the N (the next to be overwritten) does.
@@ -535,11 +542,13 @@ cdef int64_t fraud_score(State* S, Account* a, uint32_t row, Request* r, int64_t
     if merchant != 0:
         m = merchant_row(S, merchant, False, now)
         if m != NULL:
+            # A decline stamped s is stored as -s: it counts when -s > now -
+            # window, i.e. stored < window - now (and < 0).  One compare per
+            # entry, no branch: the compiler vectorises the count.
             declines = 0
+            decline_below = min(<int64_t>0, R.burst_window - now)
             for i in range(R.burst_last):
-                s = m[M_HEADER + i]
-                if s < 0 and -s > now - R.burst_window:
-                    declines += 1
+                declines += m[M_HEADER + i] < decline_below
             if declines >= R.burst_declines:
                 score += R.burst_points
     return score

@@ -12,7 +12,9 @@ behaviour.
 Two states are measured:
 
 - default, a fresh host: the id and hold tables are presized (and
-  prefaulted) for the whole run, so nothing grows or is evicted while timed;
+  prefaulted) for ``presize_rate`` x ``--seconds`` requests, so nothing grows
+  or is evicted while timed; a kernel faster than that stops early, when one
+  more batch would not fit (``stopped_full`` in the output);
 - ``--steady``, a host that has run for a while: bounded memories
   (``--ids-max``, ``--holds-max``) full and evicting one entry per new one,
   holds expiring after ``--hold-ttl`` simulated seconds, reached by an
@@ -200,12 +202,18 @@ def run(accounts: int, batch: int, seconds: float, seed: int = 7, fraud: bool = 
         else:
             raise SystemExit("--steady: the memories did not fill; lower --ids-max/--holds-max")
     sizes_before = {n: len(t) for n, t in k.tables().items()}
+    stopped_full = False  # fresh: the presized memories ran out before --seconds did
     digest = hashlib.blake2b(digest_size=16)
     ops = auths = 0
     status_counts = np.zeros(len(Status), np.int64)
     i = 0
     elapsed = 0.0
     while elapsed < seconds:
+        c = k.counters()
+        if not steady and (c["remembered_tail"] + batch > sizes_before["remembered"]
+                           or c["hold_tail"] + batch > sizes_before["holds"]):
+            stopped_full = True  # one more batch would grow a table while timed
+            break
         reqs = stream.next()
         sim["t"] += batch * sim_us_per_request
         t = time.perf_counter()
@@ -233,6 +241,7 @@ def run(accounts: int, batch: int, seconds: float, seed: int = 7, fraud: bool = 
         "holds_max": cfg.engine.holds_retained_max,
         "hold_ttl_seconds": cfg.hold_ttl_seconds,
         "tables_grown_while_timed": grown,
+        "stopped_full": stopped_full,
         "bytes_per_account": round(k.state_views()[0]["accounts"].nbytes / accounts, 1),
         "state_bytes_per_account": round(nbytes / accounts, 1),
         "table_bytes": sum(t.nbytes for t in k.tables().values()),

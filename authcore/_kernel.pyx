@@ -487,8 +487,8 @@ cdef inline int64_t* merchant_row(State* S, uint64_t merchant, bint create, int6
 
 
 cdef inline int64_t ring_next(int64_t pos, int64_t n) noexcept nogil:
-    """(pos + 1) % n for 0 <= pos < n, without a division (~30 cycles of
-    latency on every spend, twice or three times)."""
+    """(pos + 1) % n for 0 <= pos < n, without the 64-bit division (two or
+    three per spend)."""
     pos += 1
     return 0 if pos >= n else pos
 
@@ -544,7 +544,7 @@ cdef int64_t fraud_score(State* S, Account* a, uint32_t row, Request* r, int64_t
         if m != NULL:
             # A decline stamped s is stored as -s: it counts when -s > now -
             # window, i.e. stored < window - now (and < 0).  One compare per
-            # entry, no branch: the compiler vectorises the count.
+            # entry and no branch, so the compiler may vectorise the count.
             declines = 0
             decline_below = min(<int64_t>0, R.burst_window - now)
             for i in range(R.burst_last):
@@ -1346,14 +1346,15 @@ cdef uint64_t _index_errors(Index* ix) noexcept nogil:
     """Slots whose stored tag disagrees with their key: each entry's home
     (from its key) must equal slot_home, and no empty slot may lie between
     them (the probe chain)."""
-    cdef uint64_t p, s, home, q
+    cdef uint64_t p, s, hsh, home, q
     cdef uint64_t bad = 0
     for p in range(ix.mask + 1):
         s = ix.slots[p]
         if s == 0:
             continue
-        home = ix_hash(ix_key(ix, s & IX_VALUE_MASK)) & ix.mask
-        if home != slot_home(ix, p, s) or (s & ~IX_VALUE_MASK) != ix_tag(ix_hash(ix_key(ix, s & IX_VALUE_MASK))):
+        hsh = ix_hash(ix_key(ix, s & IX_VALUE_MASK))
+        home = hsh & ix.mask
+        if home != slot_home(ix, p, s) or (s & ~IX_VALUE_MASK) != ix_tag(hsh):
             bad += 1
             continue
         q = home

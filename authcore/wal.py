@@ -289,6 +289,10 @@ def segment_name(first_seq: int) -> str:
     return f"wal-{first_seq:020d}.log"
 
 
+def round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
 def padded(n: int) -> int:
     return (n + record_align - 1) // record_align * record_align
 
@@ -849,7 +853,7 @@ class Wal:
         """
         path = os.path.join(self.directory, segment_name(first_seq))
         tmp = path + ".tmp"
-        capacity = -(-capacity // zero_align) * zero_align
+        capacity = round_up(capacity, zero_align)
         spare = self._spare
         if spare is not None and spare.capacity < capacity:
             spare = None  # a record bigger than a segment: made here; the spare waits for the next one
@@ -918,7 +922,7 @@ class Wal:
         if self.offset > 0 and self.offset + total > self.capacity:
             self._create_segment(seq, max(self.segment_bytes, total))
         if self._spare is None and self.offset >= self.capacity * spare_start_fraction:
-            self._spare = _Spare(self.directory, -(-self.segment_bytes // zero_align) * zero_align,
+            self._spare = _Spare(self.directory, round_up(self.segment_bytes, zero_align),
                                  lambda: self.offset / max(self.capacity, 1))
         bufs: list[Any] = [raw, body]
         if pad:
@@ -927,7 +931,7 @@ class Wal:
         # segment holds there): a partial write to a page that is not cached
         # makes the kernel read it from disk first, on the batch's path, and
         # the zero-filled segment's pages are not cached.
-        page_end = min(self.capacity, -(-(self.offset + total) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        page_end = min(self.capacity, round_up(self.offset + total, mmap.PAGESIZE))
         if page_end > self.offset + total:
             bufs.append(_zero_page[: page_end - self.offset - total])
         start = self.offset

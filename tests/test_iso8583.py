@@ -69,9 +69,14 @@ HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthChe
 # --- reference helpers (plain Python, independent of the C codec) ------------
 
 
-def ref_id(tag: str, rrn: str, mid: str) -> int:
-    """docs/iso8583.md: BLAKE2b-64 of b"iso8583/<tag>/<37>/<42>", little-endian."""
+def ref_id(tag: str, rrn: str, mid: str, doc: dict | None = None) -> int:
+    """docs/iso8583.md: BLAKE2b-64 of b"iso8583/<tag>/<37>/<42>", little-endian;
+    with ``doc`` (a 0220/04x0) also b"/", a presence digit and fields 7, 11, 41."""
     data = b"iso8583/" + tag.encode() + b"/" + rrn.encode() + b"/" + mid.encode()
+    if doc is not None:
+        present = [f for f in ("7", "11", "41") if f in doc]
+        mask = sum(1 << i for i, f in enumerate(("7", "11", "41")) if f in doc)
+        data += b"/" + str(mask).encode() + b"".join(doc[f].encode() for f in present)
     v = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
     return v or 1
 
@@ -243,10 +248,14 @@ rrn_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=
 
 @st.composite
 def requests(draw):
-    mti = draw(st.sampled_from(["0100", "0200", "0220", "0400", "0420"]))
+    # Repeats (4th digit 1) are their originals' class.
+    mti = draw(st.sampled_from(["0100", "0200", "0220", "0400", "0420", "0101", "0201", "0221", "0401", "0421"]))
     doc = {"t": mti, "37": draw(rrn_text), "42": draw(digits(15))}
+    mti = base_mti(mti)
     if mti in ("0100", "0200") or draw(st.booleans()):
-        doc["2"] = draw(st.text("0123456789", min_size=1, max_size=19))
+        # Mostly digits; sometimes not (invalid_card, not a format error: SPEC §10.15).
+        alphabet = st.sampled_from(["0123456789", "0123456789x -"])
+        doc["2"] = draw(alphabet.flatmap(lambda a: st.text(a, min_size=1, max_size=19)))
     if mti in ("0100", "0200") or draw(st.booleans()):
         doc["4"] = draw(digits(12))
     if mti in ("0100", "0200") or draw(st.booleans()):
@@ -265,16 +274,21 @@ def requests(draw):
     return doc
 
 
+def base_mti(mti: str) -> str:
+    """A repeat (0101, 0421...) is decided as its original (0100, 0420)."""
+    return mti[:3] + "0"
+
+
 def ref_record(doc: dict):
     """(op, id, account, to, amount, currency, mcc, country, channel) or None (answered 30)."""
-    mti, rrn, mid = doc["t"], doc["37"], doc["42"]
+    mti, rrn, mid = base_mti(doc["t"]), doc["37"], doc["42"]
     if mti in ("0100", "0200"):
         op = C.Op.authorize if mti == "0100" else C.Op.purchase
         rid = ref_id("A" if mti == "0100" else "P", rrn, mid)
         return (op, rid, 0, int(mid), int(doc["4"]), int(doc["49"]), int(doc.get("18", 0)),
                 int(doc.get("19", 0)), ref_channel(doc.get("22")))
     if mti == "0220":
-        return (C.Op.capture, ref_id("C", rrn, mid), ref_id("A", rrn, mid), 0, int(doc.get("4", 0)), 0, 0, 0, 0)
+        return (C.Op.capture, ref_id("C", rrn, mid, doc), ref_id("A", rrn, mid), 0, int(doc.get("4", 0)), 0, 0, 0, 0)
     op, hold = C.Op.void, ref_id("A", rrn, mid)
     orig = doc.get("90", "0100")[:4]
     if orig == "0200":
@@ -295,7 +309,7 @@ def ref_record(doc: dict):
         return None
     else:
         amount = original
-    return (op, ref_id("R", rrn, mid), hold, 0, amount, 0, 0, 0, 0)
+    return (op, ref_id("R", rrn, mid, doc), hold, 0, amount, 0, 0, 0, 0)
 
 
 @HYP
@@ -315,8 +329,8 @@ def test_scan_maps_requests_as_documented(docs):
         r = next(recs)
         got = (r["op"], r["id"], r["account"], r["to"], r["amount"], r["currency"], r["mcc"], r["country"], r["channel"])
         assert tuple(int(x) for x in got) == tuple(int(x) for x in want), doc
-        if doc["t"] in ("0100", "0200"):
-            if 12 <= len(doc["2"]) <= 19:
+        if base_mti(doc["t"]) in ("0100", "0200"):
+            if 12 <= len(doc["2"]) <= 19 and doc["2"].isdigit():
                 assert next(pans)[1] == doc["2"]
                 assert r["flags"] == 0
             else:
@@ -343,7 +357,7 @@ def test_answers_are_canonical_and_carry_the_outcome(docs, data):
     for doc, raw in zip(docs, frames):
         got = iso8583.decode(raw, SPEC)[0]
         assert enc(got) == raw  # canonical: exactly what pyiso8583 would send
-        assert got["t"] == doc["t"][:2] + str(int(doc["t"][2]) + 1) + doc["t"][3]
+        assert got["t"] == doc["t"][:2] + str(int(doc["t"][2]) + 1) + "0"
         for f in ("2", "3", "7", "11", "37", "41", "42", "49"):
             assert got.get(f) == doc.get(f), f
         if ref_record(doc) is None:
@@ -354,7 +368,7 @@ def test_answers_are_canonical_and_carry_the_outcome(docs, data):
         status = C.Status(int(a["status"]))
         assert got["39"] == C.STATUS_CODE[status]
         approved = status in (C.Status.approved, C.Status.partial)
-        spend = doc["t"] in ("0100", "0200")
+        spend = base_mti(doc["t"]) in ("0100", "0200")
         assert ("38" in got) == approved
         if approved:
             from authcore.records import auth_code
@@ -560,10 +574,35 @@ def test_0220_completion_captures_the_authorisation(world):
     assert (hold["state"], hold["captured"]) == ("captured", 4000)
     assert balance(eng, ALICE) == ALICE_FUNDS - 4000 and held(eng, ALICE) == 0
     assert balance(eng, SHOP) == 4000
-    # Completion of nothing: no_auth (25); a second completion: auth_closed (12).
+    # A retransmission (same 7, 11, 37, 41, 42; a repeat MTI too): the first answer.
+    assert c.call({"t": "0220", **base(amount=4000, stan="000002")}) == done
+    assert c.call({"t": "0221", **base(amount=4000, stan="000002")}) == done
+    # Completion of nothing: no_auth (25); a second completion (another STAN): auth_closed (12).
     assert c.call({"t": "0220", **base(rrn="000000000999")})["39"] == "25"
-    assert c.call({"t": "0220", **base(rrn="000000000001", amount=1, stan="000003")})["39"] == "00"  # a retransmission
+    assert c.call({"t": "0220", **base(rrn="000000000001", amount=1, stan="000003")})["39"] == "12"
     assert balance(eng, ALICE) == ALICE_FUNDS - 4000
+
+
+def test_a_refused_completion_can_be_corrected_with_a_new_stan(world):
+    """A completion is identified by 7, 11, 37, 41 and 42 (SPEC §7): one
+    refused for its amount is not the answer to every later completion."""
+    eng, _srv, connect = world
+    c = connect()
+    assert c.call({"t": "0100", **base(amount=1000)})["39"] == "00"
+    assert c.call({"t": "0220", **base(amount=5000, stan="000002")})["39"] == "13"  # amount_exceeds_hold
+    assert c.call({"t": "0220", **base(amount=5000, stan="000002")})["39"] == "13"  # its retransmission
+    ok = c.call({"t": "0220", **{k: v for k, v in base(stan="000003").items() if k != "4"}})
+    assert ok["39"] == "00"
+    assert balance(eng, ALICE) == ALICE_FUNDS - 1000 and balance(eng, SHOP) == 1000
+
+
+def test_a_pan_with_non_digits_is_invalid_card(world):
+    """SPEC §10.15: anything but 12-19 digits is invalid_card (14), not a format error."""
+    _eng, _srv, connect = world
+    c = connect()
+    for pan in (PAN_A[:4] + "x" + PAN_A[5:], PAN_A[:4] + " " + PAN_A[5:], "4111-1111-1111"):
+        ans = c.call({"t": "0100", **base(pan=pan, rrn="00000000000" + str(len(pan) % 10))})
+        assert (ans["t"], ans["39"]) == ("0110", "14") and "38" not in ans
 
 
 def test_0400_reversal_releases_the_hold_and_0420_repeats_it(world):
@@ -575,9 +614,13 @@ def test_0400_reversal_releases_the_hold_and_0420_repeats_it(world):
     assert (rev["t"], rev["39"]) == ("0410", "00") and len(rev["38"]) == 6
     assert held(eng, ALICE) == 0
     assert eng.holds()[ref_id("A", "000000000001", MID)]["state"] == "voided"
-    # The advice repeat of the same reversal (same 37 + 42): the first answer, no new effect.
-    adv = c.call({"t": "0420", **base(amount=7000, stan="000003")})
+    # The advice of the same reversal (same class, 7, 11, 37, 41, 42), and its
+    # repeat: the first answer, no new effect.
+    adv = c.call({"t": "0420", **base(amount=7000, stan="000002")})
     assert (adv["t"], adv["39"], adv["38"]) == ("0430", "00", rev["38"])
+    assert c.call({"t": "0421", **base(amount=7000, stan="000002")})["t"] == "0430"
+    # A new reversal (another STAN) of the reversed authorisation: auth_closed.
+    assert c.call({"t": "0400", **base(amount=7000, stan="000004")})["39"] == "12"
     assert held(eng, ALICE) == 0 and balance(eng, ALICE) == ALICE_FUNDS
     # A reversal with no authorisation: no_auth.
     assert c.call({"t": "0400", **base(rrn="000000000777")})["39"] == "25"
@@ -656,7 +699,6 @@ MALFORMED = [
     (enc({"t": "0100", **base()})[:-2], "0110"),  # truncated
     (enc({"t": "0100", **base()}) + b"00", "0110"),  # extra data
     (enc({"t": "0100", **base(**{"4": "00000000100A"})}), "0110"),  # non-digit amount
-    (enc({"t": "0100", **base(**{"2": PAN_A[:-1] + "X"})}), "0110"),  # non-digit PAN
     (enc({"t": "0100", **base(**{"42": "MERCHANT000001X"})}), "0110"),  # non-digit merchant
     (enc({"t": "0200", **base(**{"42": None})}), "0210"),  # no merchant
     (enc({"t": "0200", **base(**{"4": None})}), "0210"),  # no amount

@@ -68,7 +68,11 @@ cdef enum:
     N_ECHO = 10            # fields echoed in answers, ECHO_FIELD below
     RESPONSE_BYTES_MAX = 192  # an answer frame, all echo fields at their maximum (asserted)
     AMOUNT_DIGITS = 12     # fields 4 and 95's first amount: n 12
-    ID_INPUT_MAX = 64      # bytes hashed into a request id (one BLAKE2b block is 128)
+    ID_INPUT_MAX = 72      # bytes hashed into a request id (one BLAKE2b block is 128)
+    ID_BASE_BYTES = 38     # "iso8583/" tag "/" field 37 (12) "/" field 42 (15)
+    F7_CHARS = 10          # fixed lengths in default_ascii (parse_fields enforces them)
+    F11_CHARS = 6
+    F41_CHARS = 8
 
 # Field numbers in the answer, in wire order: 2 3 4 7 11 37 [38 39] 41 42 49 [54] 70.
 cdef int ECHO_FIELD[N_ECHO]
@@ -316,9 +320,7 @@ cdef uint64_t blake2b64(const uint8_t* data, int n) noexcept nogil:
     return h[0] ^ v[0] ^ v[8]
 
 
-cdef uint64_t class_id(int cls, const uint8_t* rrn, const uint8_t* merchant) noexcept nogil:
-    """The request id of class cls for fields 37 (12 chars) and 42 (15 digits)."""
-    cdef uint8_t buf[ID_INPUT_MAX]
+cdef inline void id_base(uint8_t* buf, int cls, const uint8_t* rrn, const uint8_t* merchant) noexcept nogil:
     # b"iso8583/" + tag + b"/" + field 37 + b"/" + field 42
     memcpy(buf, b"iso8583/", 8)
     buf[8] = <uint8_t>CLASS_TAG[cls]
@@ -326,16 +328,60 @@ cdef uint64_t class_id(int cls, const uint8_t* rrn, const uint8_t* merchant) noe
     memcpy(buf + 10, rrn, 12)
     buf[22] = 47
     memcpy(buf + 23, merchant, 15)
-    cdef uint64_t out = blake2b64(buf, 38)
-    return out if out != 0 else 1  # id 0 is reserved (SPEC §1)
 
 
-def request_id(str mti_class, bytes rrn, bytes merchant):
-    """The id the listener gives a request: class "A" (0100), "P" (0200),
-    "C" (0220), "R" (0400/0420); rrn = field 37 (12), merchant = field 42 (15)."""
+cdef inline uint64_t nonzero(uint64_t h) noexcept nogil:
+    return h if h != 0 else 1  # id 0 is reserved (SPEC §1)
+
+
+cdef uint64_t class_id(int cls, const uint8_t* rrn, const uint8_t* merchant) noexcept nogil:
+    """The id of class cls for fields 37 (12 chars) and 42 (15 digits): the
+    request id of a 0100/0200, and the hold a completion or reversal names."""
+    cdef uint8_t buf[ID_INPUT_MAX]
+    id_base(buf, cls, rrn, merchant)
+    return nonzero(blake2b64(buf, ID_BASE_BYTES))
+
+
+cdef uint64_t message_id(int cls, const uint8_t* rrn, const uint8_t* merchant,
+                         const uint8_t* f7, const uint8_t* f11, const uint8_t* f41) noexcept nogil:
+    """The request id of a completion or reversal: its class and every field
+    of SPEC §7's retransmission key (7, 11, 37, 41, 42), so a new completion
+    or reversal of the same transaction (another STAN) is decided afresh.
+    Absent fields (NULL) are marked in a presence byte, never confused."""
+    cdef uint8_t buf[ID_INPUT_MAX]
+    cdef int n = ID_BASE_BYTES + 2
+    id_base(buf, cls, rrn, merchant)
+    buf[ID_BASE_BYTES] = 47
+    buf[ID_BASE_BYTES + 1] = <uint8_t>(48 + (f7 != NULL) + 2 * (f11 != NULL) + 4 * (f41 != NULL))
+    if f7 != NULL:
+        memcpy(buf + n, f7, F7_CHARS)
+        n += F7_CHARS
+    if f11 != NULL:
+        memcpy(buf + n, f11, F11_CHARS)
+        n += F11_CHARS
+    if f41 != NULL:
+        memcpy(buf + n, f41, F41_CHARS)
+        n += F41_CHARS
+    return nonzero(blake2b64(buf, n))
+
+
+def request_id(str mti_class, bytes rrn, bytes merchant, f7=None, f11=None, f41=None):
+    """The id the listener gives a request: class "A" (0100), "P" (0200) from
+    rrn = field 37 (12) and merchant = field 42 (15) alone; "C" (0220) and
+    "R" (0400/0420) also from fields 7 (10), 11 (6) and 41 (8), None if absent."""
     assert len(rrn) == 12 and len(merchant) == 15
     tags = {"A": CLS_AUTH, "P": CLS_PURCHASE, "C": CLS_COMPLETION, "R": CLS_REVERSAL}
-    return class_id(tags[mti_class], rrn, merchant)
+    cls = tags[mti_class]
+    if cls == CLS_AUTH or cls == CLS_PURCHASE:
+        assert f7 is None and f11 is None and f41 is None, "A and P ids are 37 + 42 only"
+        return class_id(cls, rrn, merchant)
+    cdef const uint8_t* fp[3]
+    for i, (f, n) in enumerate(((f7, F7_CHARS), (f11, F11_CHARS), (f41, F41_CHARS))):
+        assert f is None or (type(f) is bytes and len(f) == n), (f, n)
+        fp[i] = NULL
+        if f is not None:
+            fp[i] = <const uint8_t*>PyBytes_AS_STRING(f)
+    return message_id(cls, rrn, merchant, fp[0], fp[1], fp[2])
 
 
 def blake2b_64(bytes data):
@@ -598,9 +644,11 @@ NEED_SPEND[:] = [2, 4, 37, 42, 49]
 cdef int NEED_REF[2]
 NEED_REF[:] = [37, 42]
 # Numeric fields the listener reads or echoes (n in ISO 8583-1987).
-# (95 is an 42: only its first amount is read, and checked, below.)
-cdef int NUMERIC[12]
-NUMERIC[:] = [2, 3, 4, 7, 11, 18, 19, 22, 42, 49, 70, 90]
+# (95 is an 42: only its first amount is read, and checked, below.  2, the
+# PAN, is not here: a PAN that is not 12-19 digits is invalid_card, 14, per
+# SPEC §10.15, not a format error.)
+cdef int NUMERIC[11]
+NUMERIC[:] = [3, 4, 7, 11, 18, 19, 22, 42, 49, 70, 90]
 
 
 cdef inline uint8_t entry_channel(const uint8_t* p) noexcept nogil:
@@ -614,19 +662,25 @@ cdef inline uint8_t entry_channel(const uint8_t* p) noexcept nogil:
 
 
 cdef int classify(const uint8_t* mti) noexcept nogil:
-    if mti[0] != 48:
-        return CLS_NONE  # only the 1987 version ("0xxx")
-    if mti[1] == 49 and mti[2] == 48 and mti[3] == 48:
+    """The class of a request MTI.  A repeat (4th digit 1: 0101, 0221,
+    0421...) is its original's class: a network resends with it."""
+    if mti[0] != 48 or not (mti[3] == 48 or mti[3] == 49):
+        return CLS_NONE  # only the 1987 version ("0xxx"), acquirer-sent
+    if mti[1] == 49 and mti[2] == 48:
         return CLS_AUTH
-    if mti[1] == 50 and mti[2] == 48 and mti[3] == 48:
+    if mti[1] == 50 and mti[2] == 48:
         return CLS_PURCHASE
-    if mti[1] == 50 and mti[2] == 50 and mti[3] == 48:
+    if mti[1] == 50 and mti[2] == 50:
         return CLS_COMPLETION
-    if mti[1] == 52 and (mti[2] == 48 or mti[2] == 50) and mti[3] == 48:
+    if mti[1] == 52 and (mti[2] == 48 or mti[2] == 50):
         return CLS_REVERSAL
-    if mti[1] == 56 and mti[2] == 48 and mti[3] == 48:
+    if mti[1] == 56 and mti[2] == 48:
         return CLS_ECHO
     return CLS_NONE
+
+
+cdef inline const uint8_t* field_or_null(const uint8_t* p, const int32_t* off, int f) noexcept nogil:
+    return p + off[f] if off[f] >= 0 else NULL
 
 
 cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Request* r) noexcept nogil:
@@ -662,6 +716,8 @@ cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Re
         return 2
     memcpy(m.resp_mti, p, MTI_CHARS)
     m.resp_mti[2] += 1
+    if m.resp_mti[3] == 49:
+        m.resp_mti[3] = 48  # a repeat (0101, 0421...) is answered as its original (0110, 0430)
     m.code[0] = 51  # "30": format error, unless the message proves good
     m.code[1] = 48
     if err != E_OK:
@@ -673,7 +729,7 @@ cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Re
     if cls == CLS_NONE:
         m.reason = E_UNKNOWN_MTI
         return 1
-    f = first_not_digits(p, off, ln, NUMERIC, 12)
+    f = first_not_digits(p, off, ln, NUMERIC, 11)
     if f == 0 and off[95] >= 0 and not all_digits(p + off[95], AMOUNT_DIGITS):
         f = 95
     if f:
@@ -690,7 +746,11 @@ cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Re
         m.field = f
         return 1
     memset(r, 0, sizeof(Request))
-    r.id = class_id(cls, p + off[37], p + off[42])
+    if cls == CLS_AUTH or cls == CLS_PURCHASE:
+        r.id = class_id(cls, p + off[37], p + off[42])  # = the hold's id: 37 + 42 find it
+    else:
+        r.id = message_id(cls, p + off[37], p + off[42], field_or_null(p, off, 7),
+                          field_or_null(p, off, 11), field_or_null(p, off, 41))
     m.code_id = r.id
     if cls == CLS_AUTH or cls == CLS_PURCHASE:
         r.op = OP_AUTHORIZE if cls == CLS_AUTH else OP_PURCHASE
@@ -963,11 +1023,11 @@ def scan(bytes chunk, Py_ssize_t start, Py_ssize_t msgs_max):
             if m.cls == CLS_AUTH or m.cls == CLS_PURCHASE:
                 pan_off = m.off[E2]
                 pan_len = m.ln[E2]
-                if 12 <= pan_len <= 19:
+                if 12 <= pan_len <= 19 and all_digits(p + pan_off, pan_len):
                     b.pan_rows.append(nr)
                     b.pans.append(PyUnicode_DecodeASCII(<char*>p + pan_off, pan_len, NULL))
                 else:
-                    r.flags |= NO_CARD  # no PAN of that length is ever issued (SPEC §3)
+                    r.flags |= NO_CARD  # no such PAN is ever issued (SPEC §3, §10.15)
             nr += 1
         nm += 1
     if not b.fatal:

@@ -7,9 +7,9 @@ Goals (SPEC §7, §10.13; the wire mapping is docs/iso8583.md):
   purchase (0210), 0220 -> capture (0230), 0400/0420 -> void (0410/0430),
   0800 -> echo (0810, answered here).
 - Retransmissions get the first answer: a request's id is derived from its
-  class and fields 37 + 42 (BLAKE2b-64), so the engine's idempotency memory
-  answers a repeat, and a completion or reversal names its authorisation's
-  hold by the same two fields.
+  class and fields 37 + 42 (BLAKE2b-64; for completions and reversals also
+  7, 11 and 41), so the engine's idempotency memory answers a repeat, and a
+  completion or reversal names its authorisation's hold by 37 + 42.
 - Malformed messages get the response MTI with 39 = 30 when their type can
   be read; otherwise (no 4-digit request MTI) the connection is closed after
   the answers before it.  The server never fails because of a message.

@@ -656,6 +656,22 @@ cdef inline void note_spend(Account* a, int64_t now, int64_t approved) noexcept 
     ac_add128(&a.spend_total_lo, &a.spend_total_hi, approved)
 
 
+cdef uint8_t refused_attempt(State* S, Request* r, uint8_t st, int64_t now, uint64_t merchant,
+                            bint in_its_currency) noexcept nogil:
+    """Refuse with ``st`` (invalid_request or invalid_amount) a spend that may
+    still be an attempt: SPEC §10.3 counts an authorize or purchase naming an
+    existing account in its currency, or a transfer from an existing sender,
+    "whatever its answer", so probes with bad amounts count for velocity
+    and card_testing too.  Nothing else changes."""
+    cdef uint32_t row
+    cdef Account* a
+    if r.account != 0:
+        a = account_of(S, r.account, &row)
+        if a != NULL and (not in_its_currency or r.currency == a.currency):
+            record_attempt(S, a, row, merchant, r.amount, now, True)
+    return st
+
+
 cdef uint8_t op_spend(State* S, Request* r, Answer* ans, int64_t now, bint purchase) noexcept nogil:
     cdef uint32_t row
     cdef Account* a
@@ -666,11 +682,12 @@ cdef uint8_t op_spend(State* S, Request* r, Answer* ans, int64_t now, bint purch
     cdef int64_t* cbal
     cdef uint8_t st
     if r.id == 0 or r.account == 0 or r.to == 0 or r.channel > CH_P2P:
-        return ST_INVALID_REQUEST
+        return refused_attempt(S, r, ST_INVALID_REQUEST, now, r.to, True)
     if S.remembered_head != 0 and ix_find(&S.hold_index, r.id) != 0:
-        return ST_INVALID_REQUEST  # id reused after the idempotency memory forgot it
+        # id reused after the idempotency memory forgot it
+        return refused_attempt(S, r, ST_INVALID_REQUEST, now, r.to, True)
     if not amount_ok(r.amount):
-        return ST_INVALID_AMOUNT
+        return refused_attempt(S, r, ST_INVALID_AMOUNT, now, r.to, True)
     a = account_of(S, r.account, &row)
     if a == NULL:
         return ST_NO_ACCOUNT
@@ -716,9 +733,9 @@ cdef uint8_t op_transfer(State* S, Request* r, Answer* ans, int64_t now) noexcep
     cdef int64_t score = 0
     cdef uint8_t st
     if r.id == 0 or r.account == 0 or r.to == 0 or r.to == r.account:
-        return ST_INVALID_REQUEST
+        return refused_attempt(S, r, ST_INVALID_REQUEST, now, 0, False)
     if not amount_ok(r.amount):
-        return ST_INVALID_AMOUNT
+        return refused_attempt(S, r, ST_INVALID_AMOUNT, now, 0, False)
     a = account_of(S, r.account, &row)
     if a == NULL:
         return ST_NO_ACCOUNT

@@ -385,6 +385,17 @@ class Model:
         if merchant != 0:
             self.merchant_attempts.setdefault(merchant, []).append((stamp, status in ("approved", "partial")))
 
+    def _refused_attempt(self, req: dict, stamp: int, status: str, acct_id: int, amount: int,
+                         merchant: int = 0, currency: int | None = None) -> dict:
+        """§10.3: an authorize/purchase naming an existing account in its
+        currency (currency given), or a transfer from an existing sender
+        (currency None), is an attempt "whatever its answer", even one
+        refused as invalid_request or invalid_amount."""
+        a = self.accts.get(acct_id)
+        if a is not None and (currency is None or currency == a.currency):
+            self._record_attempt(a, stamp, amount, merchant, status)
+        return self._answer(req, stamp, status)
+
     # --- operations --------------------------------------------------------------
 
     def _open(self, req: dict, stamp: int) -> dict:
@@ -444,9 +455,9 @@ class Model:
         mcc, country = int(req.get("mcc", 0)), int(req.get("country", 0))
         allow_partial = bool(req.get("allow_partial", False))
         if rid == 0 or acct_id == 0 or merchant == 0 or channel not in CHANNELS:
-            return self._answer(req, stamp, "invalid_request")
+            return self._refused_attempt(req, stamp, "invalid_request", acct_id, amount, merchant, currency)
         if not self._amount_ok(amount):
-            return self._answer(req, stamp, "invalid_amount")
+            return self._refused_attempt(req, stamp, "invalid_amount", acct_id, amount, merchant, currency)
         a = self.accts.get(acct_id)
         if a is None:
             return self._answer(req, stamp, "no_account")
@@ -608,9 +619,9 @@ class Model:
         rid, acct_id, amount = int(req.get("id", 0)), int(req.get("account", 0)), int(req.get("amount", 0))
         to_id, currency = int(req.get("to", 0)), int(req.get("currency", 0))
         if rid == 0 or acct_id == 0 or to_id == 0 or to_id == acct_id:
-            return self._answer(req, stamp, "invalid_request")
+            return self._refused_attempt(req, stamp, "invalid_request", acct_id, amount)
         if not self._amount_ok(amount):
-            return self._answer(req, stamp, "invalid_amount")
+            return self._refused_attempt(req, stamp, "invalid_amount", acct_id, amount)
         a = self.accts.get(acct_id)
         if a is None:
             return self._answer(req, stamp, "no_account")

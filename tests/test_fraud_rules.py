@@ -103,13 +103,32 @@ def test_velocity_ignores_non_attempts(impl_factory):
     for _ in range(8):
         auth(api, 1, 100)
     assert auth(api, 1, 100, currency=EUR)["status"] == "currency_mismatch"  # not in its currency
-    assert auth(api, 1, 0)["status"] == "invalid_amount"  # before the lookup
-    assert auth(api, 1, 5, merchant=0)["status"] == "invalid_request"
+    assert auth(api, 1, 0, currency=EUR)["status"] == "invalid_amount"  # nor this one
+    assert auth(api, 99, 5)["status"] == "no_account"  # names no existing account
     assert api("transfer", account=2, to=1, amount=5)["status"] == "approved"  # the receiver's: no
     assert auth(api, 1, 100, id=first["id"]) == first  # a repeat is no attempt
     hold = auth(api, 1, 100)  # the 10th attempt
     assert api("increment", auth=hold["id"], amount=5)["status"] == "approved"  # not an attempt
     assert not fired(hold)
+    assert fired(auth(api, 1, 100))
+
+
+def test_velocity_counts_probes_refused_before_the_account_check(impl_factory):
+    """SPEC §10.3: an attempt "whatever its answer": an authorize naming an
+    existing account in its currency, refused invalid_amount or
+    invalid_request, and a transfer from an existing sender refused so."""
+    api = session(impl_factory, only("velocity"))
+    wallet(api, 1)
+    wallet(api, 2)
+    for _ in range(4):
+        auth(api, 1, 100)
+    assert auth(api, 1, 0)["status"] == "invalid_amount"
+    assert auth(api, 1, -5)["status"] == "invalid_amount"
+    assert auth(api, 1, 10**15 + 1)["status"] == "invalid_amount"
+    assert auth(api, 1, 5, merchant=0)["status"] == "invalid_request"
+    assert api("transfer", account=1, to=1, amount=5)["status"] == "invalid_request"
+    assert not fired(auth(api, 1, 100))  # the 10th attempt sees 9 earlier ones
+    assert api("transfer", account=1, to=2, amount=0)["status"] == "invalid_amount"
     assert fired(auth(api, 1, 100))
 
 

@@ -952,7 +952,9 @@ cdef class Batch:
                 fields[nf] = f
                 lens[nf] = m.ln[k]
                 data[nf] = base + m.off[k]
-                if f == 4 and a != NULL and spend and a.status == ST_PARTIAL and 0 < a.approved_amount <= AMOUNT_WIRE_MAX:
+                # An approval's field 4 is the amount approved: less than
+                # asked when partial, the first answer's for a repeat.
+                if f == 4 and a != NULL and spend and approved and 0 < a.approved_amount <= AMOUNT_WIRE_MAX:
                     put_digits(amt4, <uint64_t>a.approved_amount, AMOUNT_DIGITS)
                     data[nf] = amt4
                     lens[nf] = AMOUNT_DIGITS

@@ -24,7 +24,7 @@ from . import constants as C
 from .cards import PanHasher
 from .config import Config
 from .constants import ANSWER_DTYPE, REQUEST_DTYPE, AccountStatus, HoldState, Kind, Status
-from .records import answer_json, answers_to_json, requests_from_json
+from .records import answer_json, answers_to_json, requests_from_json, with_codes
 
 try:
     from ._kernel import Kernel, populate
@@ -113,12 +113,17 @@ class Engine:
     def hasher(self) -> PanHasher:
         return self._hasher
 
-    def submit(self, requests: np.ndarray) -> np.ndarray:
+    def submit(self, requests: np.ndarray, *, codes: bool = False) -> np.ndarray:
         """Decide a batch; durable before it returns when a log is attached.
 
-        Raises ``Unavailable`` when the log cannot make the batch durable;
-        then nothing of it was applied.
+        Returns ANSWER_DTYPE records (status as a ``Status`` value), or with
+        ``codes=True`` ANSWER_CODES_DTYPE: the same plus SPEC §7's ``code``
+        and ``auth_code`` columns (made after deciding; the server's hot
+        path does without).  Raises ``Unavailable`` when the log cannot make
+        the batch durable; then nothing of it was applied.
         """
+        if codes:
+            return with_codes(self.submit(requests))
         if not isinstance(requests, np.ndarray) or requests.dtype != REQUEST_DTYPE:
             raise TypeError("requests: expected a numpy array of authcore.constants.REQUEST_DTYPE")
         if requests.ndim != 1:

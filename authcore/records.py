@@ -229,6 +229,38 @@ def answer_json(ans: Any, account: int | None = None) -> dict:
     return d
 
 
+ANSWER_CODES_DTYPE = np.dtype(ANSWER_DTYPE.descr + [("code", "U2"), ("auth_code", f"U{auth_code_len}")])
+
+
+def auth_codes(ids: np.ndarray) -> np.ndarray:
+    """``auth_code`` of every id at once (numpy's uint64 arithmetic wraps
+    like the scalar version's ``& u64_max``)."""
+    x = np.asarray(ids, np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    digits = np.empty((len(x), auth_code_len), np.uint32)
+    for i in range(auth_code_len):
+        digits[:, i] = np.frombuffer(_AUTH_ALPHABET.encode(), np.uint8)[x % np.uint64(36)]
+        x //= np.uint64(36)
+    return digits.view(f"U{auth_code_len}").reshape(len(x))
+
+
+def with_codes(answers: np.ndarray) -> np.ndarray:
+    """A batch's answers with SPEC §7's ``code`` (every answer) and
+    ``auth_code`` (approved authorize/purchase; "" otherwise) as columns:
+    what ``Engine.submit(..., codes=True)`` returns."""
+    assert answers.dtype == ANSWER_DTYPE, answers.dtype
+    out = np.zeros(len(answers), ANSWER_CODES_DTYPE)
+    for name in ANSWER_DTYPE.names:
+        out[name] = answers[name]
+    out["code"] = np.array(CODES, "U2")[answers["status"]]
+    approved = np.isin(answers["status"], (Status.approved, Status.partial))
+    spends = approved & np.isin(answers["op"], [int(op) for op in _AUTH_CODE_OPS])
+    out["auth_code"][spends] = auth_codes(answers["id"][spends])
+    return out
+
+
 def answers_to_json(requests: np.ndarray, answers: np.ndarray) -> list[dict]:
     """A batch's answers as JSON objects (query answers echo the account)."""
     assert len(requests) == len(answers)

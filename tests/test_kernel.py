@@ -226,6 +226,33 @@ def test_unknown_op_in_a_batch_is_bad_request_and_not_remembered():
     assert ans["status"].tolist() == [C.Status.bad_request, C.Status.approved]
 
 
+def test_batch_answers_with_codes_carry_what_the_json_answers_carry():
+    """SPEC §7: batch answers carry ``code`` and (approved authorize and
+    purchase) ``auth_code`` like single ones; submit(codes=True) adds them."""
+    from authcore.records import answers_to_json, auth_code, auth_codes
+
+    eng = small_engine()
+    open_funded(eng, 1, amount=5000)
+    reqs = requests_from_json([
+        {"op": "authorize", "id": 10, "account": 1, "amount": 700, "currency": 978, "merchant": 9},
+        {"op": "purchase", "id": 11, "account": 1, "amount": 900, "currency": 978, "merchant": 9},
+        {"op": "authorize", "id": 12, "account": 1, "amount": 10**9, "currency": 978, "merchant": 9},
+        {"op": "authorize", "id": 13, "account": 1, "amount": 10**9, "currency": 978, "merchant": 9,
+         "allow_partial": True},
+        {"op": "capture", "id": 14, "auth": 10, "amount": 0},
+        {"op": "deposit", "id": 15, "account": 2, "amount": 1},
+        {"op": "query", "account": 1},
+    ], eng.hasher)
+    ans = eng.submit(reqs, codes=True)
+    assert ans.dtype.names[: len(C.ANSWER_DTYPE.names)] == C.ANSWER_DTYPE.names
+    want = answers_to_json(reqs, ans[list(C.ANSWER_DTYPE.names)].astype(C.ANSWER_DTYPE))
+    assert [a["code"] for a in want] == ans["code"].tolist() == ["00", "00", "51", "10", "00", "14", "00"]
+    assert [a.get("auth_code", "") for a in want] == ans["auth_code"].tolist()
+    assert ans["auth_code"].tolist()[:4] == [auth_code(10), auth_code(11), "", auth_code(13)]
+    ids = np.array([0, 1, 2**63, 2**64 - 1, 123456789], np.uint64)
+    assert auth_codes(ids).tolist() == [auth_code(int(i)) for i in ids]
+
+
 def test_batches_larger_than_the_maximum_are_refused_whole():
     """One batch is one log record: a larger one is refused, not split (a
     split batch could be half applied when a later part is unavailable)."""

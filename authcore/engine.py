@@ -24,7 +24,7 @@ from . import constants as C
 from .cards import PanHasher
 from .config import Config
 from .constants import ANSWER_DTYPE, REQUEST_DTYPE, AccountStatus, HoldState, Kind, Status
-from .records import answer_json, answers_to_json, requests_from_json, with_codes
+from .records import RequestError, answer_json, answers_to_json, requests_from_json, retry_id, retry_probe, with_codes
 
 try:
     from ._kernel import Kernel, populate
@@ -173,10 +173,22 @@ class Engine:
     def execute(self, request: dict) -> dict:
         """One JSON-shaped request, one JSON-shaped answer.
 
-        Raises ``records.RequestError`` for a malformed request and
+        Raises ``records.RequestError`` for a malformed request (unless it
+        repeats a remembered id: then the first answer, SPEC §1) and
         ``Unavailable`` when it cannot be made durable.
         """
-        batch = requests_from_json([request], self._hasher)
+        try:
+            batch = requests_from_json([request], self._hasher)
+        except RequestError:
+            rid = retry_id(request)
+            if rid is None:
+                raise
+            # A malformed retry of a known id still gets its first answer (SPEC §1).
+            probe = retry_probe(rid)
+            answers = self.submit(probe)
+            if answers["status"][0] == Status.bad_request:
+                raise
+            return answers_to_json(probe, answers)[0]
         return answers_to_json(batch, self.submit(batch))[0]
 
     def execute_many(self, requests: list[dict]) -> list[dict]:

@@ -82,6 +82,33 @@ def _id(obj: dict, name: str, default: int | None = None) -> int:
     return _int(obj, name, 0, u64_max, default)
 
 
+OP_RETRY_PROBE = 0  # no operation: the kernel answers it from the id memory, else bad_request
+
+
+def retry_id(obj: Any) -> int | None:
+    """The id of a request too malformed to decide, if one can be read.
+
+    SPEC §1: a repeated id returns the first answer "whatever the repeated
+    request contains", so a retry missing fields (or with an unknown op)
+    still gets it.  Queries ignore ids, so none is read from them.
+    """
+    if not isinstance(obj, dict) or obj.get("op") == "query":
+        return None
+    rid = obj.get("id")
+    return rid if type(rid) is int and 0 < rid <= u64_max else None
+
+
+def retry_probe(rid: int) -> np.ndarray:
+    """One record asking the engine for id ``rid``'s first answer: op 0
+    passes the kernel's idempotency check like any request and is then
+    answered bad_request (not remembered); it changes nothing."""
+    assert 0 < rid <= u64_max
+    rec = np.zeros(1, REQUEST_DTYPE)
+    rec["id"] = rid
+    rec["op"] = OP_RETRY_PROBE
+    return rec
+
+
 def request_tuple(obj: Any, hasher: Any) -> tuple:
     """One JSON request object as a REQUEST_DTYPE tuple (raises RequestError)."""
     if not isinstance(obj, dict):
@@ -270,4 +297,5 @@ def answers_to_json(requests: np.ndarray, answers: np.ndarray) -> list[dict]:
             for i in range(len(answers))]
 
 
+assert OP_RETRY_PROBE not in {int(op) for op in Op}
 assert ANSWER_DTYPE.names is not None and "has_available" in ANSWER_DTYPE.names

@@ -253,6 +253,21 @@ def test_batch_answers_with_codes_carry_what_the_json_answers_carry():
     assert auth_codes(ids).tolist() == [auth_code(int(i)) for i in ids]
 
 
+def test_a_malformed_retry_of_a_known_id_gets_the_first_answer_embedded():
+    from authcore.records import RequestError
+
+    eng = small_engine()
+    open_funded(eng, 1, amount=5000, rid=10)
+    first = eng.execute({"op": "authorize", "id": 20, "account": 1, "amount": 700, "currency": 978, "merchant": 9})
+    for retry in ({"op": "authorize", "id": 20}, {"id": 20}, {"op": "nope", "id": 20},
+                  {"op": "capture", "id": 20, "auth": "x"}):
+        assert eng.execute(retry) == first
+    with pytest.raises(RequestError, match="account"):
+        eng.execute({"op": "authorize", "id": 21})  # a new id: malformed, and not remembered
+    later = eng.execute({"op": "deposit", "id": 21, "account": 1, "amount": 1})
+    assert (later["status"], later["available"]) == ("approved", 5000 - 700 + 1)
+
+
 def test_batches_larger_than_the_maximum_are_refused_whole():
     """One batch is one log record: a larger one is refused, not split (a
     split batch could be half applied when a later part is unavailable)."""

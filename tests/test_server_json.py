@@ -285,6 +285,26 @@ def test_malformed_lines_get_bad_request_and_connection_stays(srv, line, words):
     c.close()
 
 
+def test_a_malformed_retry_of_a_known_id_gets_the_first_answer(srv):
+    """SPEC §1: a repeated id returns the first answer "whatever the repeated
+    request contains", missing fields and unknown ops included; a malformed
+    request with a new id is bad_request, remembered nowhere."""
+    c = Lines(srv.ports["json"])
+    (opened,) = c.ask({"op": "open", "id": 501, "account": 77, "currency": USD})
+    (first,) = c.ask({"op": "deposit", "id": 502, "account": 77, "amount": 900})
+    assert first["status"] == "approved"
+    retries = [b'{"op": "deposit", "id": 502}', b'{"id": 502}', b'{"op": "teleport", "id": 502}',
+               b'{"op": "withdraw", "id": 502, "account": "77", "amount": 1}', b'{"op": "deposit", "id": 501}']
+    c.send(b"\n".join(retries) + b"\n")
+    *again, second_open = c.read(len(retries))
+    assert again == [first] * 4 and second_open == opened
+    (fresh,) = c.ask({"op": "deposit", "id": 503})  # a new id: not decidable, and not remembered
+    assert (fresh["status"], fresh["code"], fresh["id"]) == ("bad_request", "30", 503) and "account" in fresh["error"]
+    (later,) = c.ask({"op": "deposit", "id": 503, "account": 77, "amount": 1})
+    assert later["status"] == "approved" and later["available"] == 901
+    c.close()
+
+
 def test_oversized_lines_are_answered_and_skipped():
     s = start(make_config(line_bytes_max=1024))
     try:

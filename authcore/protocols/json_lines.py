@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 
 from ..constants import REQUEST_DTYPE, STATUS_CODE, Status
+from ..records import retry_id, retry_probe
 from ..server import Session, _Entry
 from ._json_codec import encode_answers, parse_requests
 
@@ -163,14 +164,27 @@ class JsonLinesSession(Session):
             except self._request_error as e:
                 self._submit(recs)
                 recs = []
-                self._bad(str(e), e.id if e.id is not None else obj.get("id"))
+                self._malformed(obj, str(e), e.id if e.id is not None else obj.get("id"))
             except (TypeError, ValueError, OverflowError) as e:
                 # A value of a type the parser did not expect (a list where a
                 # name belongs): still a bad request, never a dead connection.
                 self._submit(recs)
                 recs = []
-                self._bad(f"malformed request: {type(e).__name__}", obj.get("id"))
+                self._malformed(obj, f"malformed request: {type(e).__name__}", obj.get("id"))
         self._submit(recs)
+
+    def _malformed(self, obj: dict, error: str, request_id: Any) -> None:
+        """A request object that cannot be decided: bad_request, unless it
+        repeats a remembered id (SPEC §1: the first answer "whatever the
+        repeated request contains").  Only the engine knows the ids, so one
+        with a readable id goes there as a probe (records.retry_probe);
+        ``encode`` turns a bad_request answer to it into this error.  Not
+        with client identities: a probe would bypass their op permissions."""
+        rid = retry_id(obj)
+        if rid is None or getattr(self.server.security, "identities", None):
+            self._bad(error, request_id)
+            return
+        self.submit(retry_probe(rid), context=error)
 
     def _authenticate(self, line: bytes) -> bool:
         """``{"op": "auth", "api_key": "..."}`` -> ``{"status": "approved", "client": name}``."""
@@ -201,6 +215,11 @@ class JsonLinesSession(Session):
         self.reply(bad_request_line(error, request_id))
 
     def encode(self, entry: _Entry) -> bytes:
+        if type(entry.context) is str:  # a retry probe (_malformed): the first answer or the error
+            assert entry.n == 1 and entry.refused is None
+            if entry.answers["status"][0] == Status.bad_request:
+                self.server.metrics.bad_requests.labels(self.protocol_name).inc()
+                return bad_request_line(entry.context, int(entry.requests["id"][0]))
         if entry.refused is not None:
             return _encode_with_refusals(entry, self.client_name)
         return encode_answers(entry.requests, entry.answers)

@@ -66,7 +66,9 @@ def _int(obj: dict, name: str, lo: int, hi: int, default: int | None = None, cla
             raise RequestError(f"missing field `{name}`")
         return default
     if type(v) is not int:
-        raise RequestError(f"field `{name}` must be an integer, got {type(v).__name__}")
+        if not isinstance(v, np.integer):  # embedded callers often hold numpy integers
+            raise RequestError(f"field `{name}` must be an integer, got {type(v).__name__}")
+        v = int(v)
     if v < lo or v > hi:
         if clamp:  # out-of-range money is a status (invalid_amount), not a decode error
             return lo if v < lo else hi

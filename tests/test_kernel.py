@@ -268,6 +268,14 @@ def test_a_malformed_retry_of_a_known_id_gets_the_first_answer_embedded():
     assert (later["status"], later["available"]) == ("approved", 5000 - 700 + 1)
 
 
+def test_numpy_integers_are_integers_to_the_embedded_api():
+    eng = small_engine()
+    ans = eng.execute({"op": "open", "id": np.uint64(7), "account": np.int64(70), "currency": np.uint16(978)})
+    assert (ans["status"], ans["id"]) == ("approved", 7)
+    with pytest.raises(Exception, match="must be an integer, got float"):
+        eng.execute({"op": "deposit", "id": 8, "account": 70, "amount": np.float64(1.0)})
+
+
 def test_batches_larger_than_the_maximum_are_refused_whole():
     """One batch is one log record: a larger one is refused, not split (a
     split batch could be half applied when a later part is unavailable)."""

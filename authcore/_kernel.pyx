@@ -1751,14 +1751,6 @@ cdef class Kernel:
         cdef Card* c = card_find(&self.S, p)
         return None if c == NULL else c.account
 
-    def hold_state(self, uint64_t id):
-        """(state, captured) of hold ``id``, or None if there is none: a
-        point lookup for the listeners' prepare hooks (writer thread)."""
-        cdef Hold* h = hold_of(&self.S, id) if id != 0 else NULL
-        if h == NULL:
-            return None
-        return (h.state, h.captured)
-
     def _hold_rows(self, copy=True):
         return _ring_rows(_ring_runs(self.holds, self.S.hold_head, self.S.hold_tail), copy)
 

@@ -205,11 +205,6 @@ class Engine:
             return None
         return self._kernel.card_account(h)
 
-    def hold_state(self, hold_id: int) -> tuple[int, int] | None:
-        """(HoldState, captured) of a hold, or None: one lookup, for the
-        protocol listeners' prepare hooks on the writer thread."""
-        return self._kernel.hold_state(hold_id)
-
     def prefault(self) -> None:
         """Fault every table page in now (config ``engine.prefault``)."""
         self._kernel.prefault()

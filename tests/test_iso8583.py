@@ -626,36 +626,6 @@ def test_0400_reversal_releases_the_hold_and_0420_repeats_it(world):
     assert c.call({"t": "0400", **base(rrn="000000000777")})["39"] == "25"
 
 
-def test_a_reversal_without_field_90_finds_a_purchase_too(world):
-    """SPEC §7: a reversal finds its transaction by 37 + 42.  Without field
-    90 and with no 0100 under them, a 0200's: it is refunded."""
-    eng, _srv, connect = world
-    c = connect()
-    buy = c.call({"t": "0200", **base(amount=3000, rrn="PURCH0000001")})
-    assert buy["39"] == "00" and balance(eng, ALICE) == ALICE_FUNDS - 3000
-    rev = c.call({"t": "0400", **base(amount=3000, rrn="PURCH0000001", stan="000002")})
-    assert (rev["t"], rev["39"], rev["38"]) == ("0410", "00", buy["38"])
-    assert balance(eng, ALICE) == ALICE_FUNDS and balance(eng, SHOP) == 0
-    assert eng.holds()[ref_id("P", "PURCH0000001", MID)]["refunded"] == 3000
-    # Its retransmission: the first answer; a new reversal: nothing left to refund.
-    assert c.call({"t": "0400", **base(amount=3000, rrn="PURCH0000001", stan="000002")}) == rev
-    assert c.call({"t": "0400", **base(amount=3000, rrn="PURCH0000001", stan="000003")})["39"] == "13"
-    # A partial reversal of a purchase (field 95: 1,000 stands) refunds 1,500 of 2,500.
-    assert c.call({"t": "0200", **base(amount=2500, rrn="PURCH0000002")})["39"] == "00"
-    stands = f"{1000:012d}" + "0" * 30
-    assert c.call({"t": "0400", **base(amount=2500, rrn="PURCH0000002", stan="000005", **{"95": stands})})["39"] == "00"
-    assert balance(eng, ALICE) == ALICE_FUNDS - 1000
-    # No field 4: the whole capture.
-    assert c.call({"t": "0200", **base(amount=700, rrn="PURCH0000003")})["39"] == "00"
-    no4 = {k: v for k, v in base(rrn="PURCH0000003", stan="000006").items() if k != "4"}
-    assert c.call({"t": "0420", **no4})["39"] == "00"
-    assert balance(eng, ALICE) == ALICE_FUNDS - 1000
-    # Where both exist, the 0100 is the one reversed.
-    assert c.call({"t": "0100", **base(amount=400, rrn="PURCH0000003")})["39"] == "00"
-    assert c.call({"t": "0400", **base(amount=400, rrn="PURCH0000003", stan="000007")})["39"] == "00"
-    assert held(eng, ALICE) == 0 and balance(eng, ALICE) == ALICE_FUNDS - 1000
-
-
 def test_partial_reversal_by_field_95(world):
     eng, _srv, connect = world
     c = connect()

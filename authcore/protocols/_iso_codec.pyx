@@ -614,8 +614,6 @@ cdef struct Msg:
     uint16_t ln[N_ECHO]
     int32_t rec           # index into the records (-1: answered here)
     uint64_t code_id      # id whose auth code goes in field 38 on approval
-    uint64_t alt_id       # a reversal without field 90: the purchase it may mean (0: none)
-    int64_t alt_amount    # ... and the amount to refund then (-1: the whole capture)
     uint8_t resp_mti[MTI_CHARS]
     uint8_t code[2]       # field 39 of an answer made here
     uint8_t cls
@@ -698,7 +696,6 @@ cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Re
     cdef int err = parse_fields(p, n, off, ln, &where)
     m.rec = -1
     m.code_id = 0
-    m.alt_id = 0
     m.cls = CLS_NONE
     m.reason = E_OK
     m.field = 0
@@ -788,13 +785,7 @@ cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Re
                 m.reason = E_BAD_VALUE
                 m.field = 90
                 return 1
-        else:
-            # No original MTI: the 0100's hold, or, if there is none, a
-            # 0200 with the same 37 + 42 (decided where the holds are
-            # known: the listener's prepare hook, see Batch.refund_purchase).
-            m.alt_id = class_id(CLS_PURCHASE, p + off[37], p + off[42])
         amount = digits_value(p + off[4], ln[4]) if off[4] >= 0 else -1
-        m.alt_amount = amount
         if off[95] >= 0:
             # Partial reversal (ISO 8583-1987): field 4 is the original
             # amount, field 95's first 12 digits the amount that stands.
@@ -803,7 +794,6 @@ cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Re
                 m.reason = E_BAD_VALUE
                 m.field = 95
                 return 1
-            m.alt_amount = amount - actual
             amount = amount - actual if actual > 0 or r.op == OP_REFUND else 0
         elif r.op == OP_VOID:
             amount = 0  # the whole remaining hold
@@ -830,8 +820,6 @@ cdef class Batch:
     cdef readonly object records
     cdef readonly list pan_rows   # record index of each PAN to look up, ascending
     cdef readonly list pans       # the PANs (str); dropped once looked up
-    cdef readonly list rev_rows   # record index of each reversal without field 90, ascending
-    cdef list rev_msgs            # ... and its message index
     cdef readonly list problems   # (mti str, reason str, field int, fatal bool)
     cdef public Py_ssize_t cursor  # records already prepared (server splits)
 
@@ -860,25 +848,6 @@ cdef class Batch:
             else:
                 r[row].account = <uint64_t>a
                 r[row].flags &= ~NO_CARD
-
-    def purchase_id(self, Py_ssize_t k):
-        """The purchase (hold id) that reversal ``rev_rows[k]`` may mean."""
-        return self.msgs[<Py_ssize_t>self.rev_msgs[k]].alt_id
-
-    def refund_purchase(self, records, Py_ssize_t first, Py_ssize_t k, int64_t captured):
-        """Reversal ``rev_rows[k]`` (records[rev_rows[k] - first]) names no
-        authorisation but a purchase: refund it (field 4's amount, or
-        ``captured`` without one), as with field 90 = 0200."""
-        cdef Msg* m = &self.msgs[<Py_ssize_t>self.rev_msgs[k]]
-        cdef Py_ssize_t row = <Py_ssize_t>self.rev_rows[k] - first
-        cdef uint8_t[::1] raw = records.view(np.uint8)
-        assert 0 <= row < len(records) and m.alt_id != 0
-        cdef Request* r = &(<Request*>&raw[0])[row]
-        assert r.op == OP_VOID
-        r.op = OP_REFUND
-        r.account = m.alt_id
-        r.amount = m.alt_amount if m.alt_amount >= 0 else captured
-        m.code_id = m.alt_id
 
     def encode(self, answers, bint failed=False):
         """Every answer of this batch, framed, in message order.  answers:
@@ -1018,8 +987,6 @@ def scan(bytes chunk, Py_ssize_t start, Py_ssize_t msgs_max):
     b.chunk = chunk
     b.pans = []
     b.pan_rows = []
-    b.rev_rows = []
-    b.rev_msgs = []
     b.problems = []
     b.cursor = 0
     b.msgs = <Msg*>malloc(max(count, 1) * sizeof(Msg))
@@ -1063,9 +1030,6 @@ def scan(bytes chunk, Py_ssize_t start, Py_ssize_t msgs_max):
                     b.pans.append(PyUnicode_DecodeASCII(<char*>p + pan_off, pan_len, NULL))
                 else:
                     r.flags |= NO_CARD  # no such PAN is ever issued (SPEC §3, §10.15)
-            elif m.alt_id != 0:
-                b.rev_rows.append(nr)
-                b.rev_msgs.append(nm)
             nr += 1
         nm += 1
     if not b.fatal:

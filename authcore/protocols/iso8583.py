@@ -68,12 +68,10 @@ def make_iso_protocol(server: Any):
 
 
 def _prepare(batch: Batch, engine: Any, records: np.ndarray) -> None:
-    """Writer thread: set the account (or FLAG_NO_CARD) of each 0100/0200,
-    and point each reversal without field 90 at its transaction.
+    """Writer thread: set the account (or FLAG_NO_CARD) of each 0100/0200.
 
     ``records`` is the next part of ``batch.records`` in the engine's batch
     (the server may split one read's records across batches, in order).
-    What is set here is logged with the batch, so replay needs no lookup.
     """
     first = batch.cursor
     n = len(records)
@@ -93,14 +91,6 @@ def _prepare(batch: Batch, engine: Any, records: np.ndarray) -> None:
                 a = seen[pan] = card_account(pan)
             accounts.append(a)
         batch.set_accounts(records, first, rows[lo:hi], accounts)
-    rev = batch.rev_rows
-    for k in range(bisect.bisect_left(rev, first), bisect.bisect_left(rev, first + n)):
-        # A reversal finds its transaction by 37 + 42 (SPEC §7): the 0100's
-        # hold, else a 0200's, which is refunded (its money has moved).
-        if engine.hold_state(int(records["account"][rev[k] - first])) is None:
-            purchase = engine.hold_state(batch.purchase_id(k))
-            if purchase is not None:
-                batch.refund_purchase(records, first, k, purchase[1])
     if first + n == batch.n_records:
         batch.drop_pans()  # the clear PANs live no longer than their batch
 
@@ -144,7 +134,7 @@ class IsoSession(Session):
         if batch.n_records == 0:
             self.reply(batch.encode(None))  # echoes and malformed messages only
             return
-        prepare = functools.partial(_prepare, batch) if batch.pan_rows or batch.rev_rows else None
+        prepare = functools.partial(_prepare, batch) if batch.pan_rows else None
         self.submit(batch.records, context=batch, prepare=prepare)
 
     def _report(self, batch: Batch) -> None:

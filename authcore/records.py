@@ -97,13 +97,16 @@ def retry_id(obj: Any) -> int | None:
     if not isinstance(obj, dict) or obj.get("op") == "query":
         return None
     rid = obj.get("id")
+    if isinstance(rid, np.integer):  # as _int takes them
+        rid = int(rid)
     return rid if type(rid) is int and 0 < rid <= u64_max else None
 
 
 def retry_probe(rid: int) -> np.ndarray:
     """One record asking the engine for id ``rid``'s first answer: op 0
     passes the kernel's idempotency check like any request and is then
-    answered bad_request (not remembered); it changes nothing."""
+    answered bad_request (not remembered).  Like every request it is logged
+    and stamped, and holds due at its stamp expire; nothing else changes."""
     assert 0 < rid <= u64_max
     rec = np.zeros(1, REQUEST_DTYPE)
     rec["id"] = rid

@@ -600,8 +600,8 @@ def test_a_pan_with_non_digits_is_invalid_card(world):
     """SPEC §10.15: anything but 12-19 digits is invalid_card (14), not a format error."""
     _eng, _srv, connect = world
     c = connect()
-    for pan in (PAN_A[:4] + "x" + PAN_A[5:], PAN_A[:4] + " " + PAN_A[5:], "4111-1111-1111"):
-        ans = c.call({"t": "0100", **base(pan=pan, rrn="00000000000" + str(len(pan) % 10))})
+    for i, pan in enumerate((PAN_A[:4] + "x" + PAN_A[5:], PAN_A[:4] + " " + PAN_A[5:], "4111-1111-1111")):
+        ans = c.call({"t": "0100", **base(pan=pan, rrn=f"{900 + i:012d}")})  # each a new transaction
         assert (ans["t"], ans["39"]) == ("0110", "14") and "38" not in ans
 
 

@@ -272,7 +272,9 @@ def test_numpy_integers_are_integers_to_the_embedded_api():
     eng = small_engine()
     ans = eng.execute({"op": "open", "id": np.uint64(7), "account": np.int64(70), "currency": np.uint16(978)})
     assert (ans["status"], ans["id"]) == ("approved", 7)
-    with pytest.raises(Exception, match="must be an integer, got float"):
+    from authcore.records import RequestError
+
+    with pytest.raises(RequestError, match="must be an integer, got float"):
         eng.execute({"op": "deposit", "id": 8, "account": 70, "amount": np.float64(1.0)})
 
 

@@ -206,6 +206,28 @@ def test_rate_limit_per_connection_in_open_identity_mode():
             assert (ans["status"] == Status.bad_request).sum() >= 1
 
 
+def test_rate_limited_retry_probes_are_answered_and_the_connection_lives():
+    """Malformed lines with ids go to the engine as retry probes; once the
+    rate limit refuses them they are answered like any refused request."""
+    from authcore.engine import Engine
+
+    cfg = Config.from_dict({"limits": {"rate_per_second": 1.0, "burst": 2}})
+    with ServerThread(engine=Engine(cfg, pan_key=PAN_KEY), config=cfg) as s:
+        sock = socket.create_connection(("127.0.0.1", s.ports["json"]))
+        sock.settimeout(10)
+        sock.sendall(b'{"id": 5}\n' * 6)
+        buf = b""
+        while buf.count(b"\n") < 6:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {buf!r}"
+            buf += chunk
+        answers = [orjson.loads(line) for line in buf.split(b"\n")[:6]]
+        assert all(a["status"] == "bad_request" and a["code"] == "30" for a in answers), answers
+        assert sum("rate limit" in a["error"] for a in answers) >= 3
+        assert sum("missing field" in a["error"] for a in answers) >= 1
+        sock.close()
+
+
 # --- open local mode ------------------------------------------------------------------
 
 

@@ -74,6 +74,8 @@ cdef enum:
     F11_CHARS = 6
     F41_CHARS = 8
 
+assert ID_BASE_BYTES + 2 + F7_CHARS + F11_CHARS + F41_CHARS <= ID_INPUT_MAX  # message_id's buffer
+
 # Field numbers in the answer, in wire order: 2 3 4 7 11 37 [38 39] 41 42 49 [54] 70.
 cdef int ECHO_FIELD[N_ECHO]
 ECHO_FIELD[:] = [2, 3, 4, 7, 11, 37, 41, 42, 49, 70]

@@ -215,13 +215,13 @@ class JsonLinesSession(Session):
         self.reply(bad_request_line(error, request_id))
 
     def encode(self, entry: _Entry) -> bytes:
+        if entry.refused is not None:  # security refused rows (a rate limit: a probe too)
+            return _encode_with_refusals(entry, self.client_name)
         if type(entry.context) is str:  # a retry probe (_malformed): the first answer or the error
-            assert entry.n == 1 and entry.refused is None
+            assert len(entry.requests) == 1, len(entry.requests)
             if entry.answers["status"][0] == Status.bad_request:
                 self.server.metrics.bad_requests.labels(self.protocol_name).inc()
                 return bad_request_line(entry.context, int(entry.requests["id"][0]))
-        if entry.refused is not None:
-            return _encode_with_refusals(entry, self.client_name)
         return encode_answers(entry.requests, entry.answers)
 
     def send_error(self, message: str) -> None:

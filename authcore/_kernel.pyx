@@ -132,6 +132,7 @@ cdef enum:
     FLAG_SET_SINGLE = 4
     FLAG_SET_DAILY = 8
     FLAG_NO_CARD = 16
+    FLAG_OR_PURCHASE = 32
 
 cdef int64_t AMOUNT_MAX = C.amount_max
 cdef int64_t BOUND = C.balance_bound
@@ -869,6 +870,27 @@ cdef uint8_t op_refund(State* S, Request* r, Answer* ans) noexcept nogil:
     return ST_APPROVED
 
 
+cdef bint reverses_purchase(State* S, Request* r) noexcept nogil:
+    """An ISO 8583 reversal without field 90 (FLAG_OR_PURCHASE) names the
+    0100's hold; when there is none but the 0200's, it reverses the
+    purchase.  Decided here, in the batch's order, so a 0200 decided just
+    before it in the same batch counts, and replay decides alike."""
+    return ((r.flags & FLAG_OR_PURCHASE) != 0 and r.to != 0 and r.id != 0
+            and hold_of(S, r.account) == NULL and hold_of(S, r.to) != NULL)
+
+
+cdef uint8_t op_purchase_reversal(State* S, Request* r, Answer* ans) noexcept nogil:
+    """The refund of purchase hold ``r.to`` that reverses_purchase chose:
+    ``single_limit`` (field 4's amount), or with 0 all still refundable
+    (nothing left: 1, which op_refund answers amount_exceeds_capture)."""
+    cdef Request q = r[0]
+    cdef Hold* h = hold_of(S, r.to)
+    q.op = OP_REFUND
+    q.account = r.to
+    q.amount = r.single_limit if r.single_limit > 0 else max(h.captured - h.refunded, <int64_t>1)
+    return op_refund(S, &q, ans)
+
+
 cdef uint8_t op_admin(State* S, Request* r, Answer* ans) noexcept nogil:
     """set_limits, freeze, unfreeze, close, issue_card."""
     cdef uint32_t row
@@ -1038,7 +1060,11 @@ cdef void decide_one(State* S, Request* r, Answer* ans, int64_t now) noexcept no
     elif op == OP_CAPTURE:
         st = op_capture_void(S, r, ans, True)
     elif op == OP_VOID:
-        st = op_capture_void(S, r, ans, False)
+        if reverses_purchase(S, r):
+            ans.op = OP_REFUND  # remembered so: a retransmission's answer says the same
+            st = op_purchase_reversal(S, r, ans)
+        else:
+            st = op_capture_void(S, r, ans, False)
     elif op == OP_INCREMENT:
         st = op_increment(S, r, ans, now)
     elif op == OP_REFUND:
@@ -1217,6 +1243,7 @@ def _check_layout():
     assert int(C.Status.account_not_empty) == ST_ACCOUNT_NOT_EMPTY
     assert int(C.Status.bad_request) == ST_BAD_REQUEST
     assert int(C.FLAG_NO_CARD) == FLAG_NO_CARD
+    assert int(C.FLAG_OR_PURCHASE) == FLAG_OR_PURCHASE
 
 
 _check_layout()

@@ -154,6 +154,10 @@ FLAG_SET_CREDIT = 1 << 1  # set_limits: credit_limit present (absent = unchanged
 FLAG_SET_SINGLE = 1 << 2
 FLAG_SET_DAILY = 1 << 3
 FLAG_NO_CARD = 1 << 4  # ISO 8583: the PAN is bound to no account -> no_account
+# ISO 8583 reversal without field 90 (a void): if hold `account` does not
+# exist but hold `to` (the 0200 with the same 37 + 42) does, refund `to` of
+# `single_limit` (0: all still refundable).  Decided by the kernel, in order.
+FLAG_OR_PURCHASE = 1 << 5
 FLAG_SET_ALL = FLAG_SET_CREDIT | FLAG_SET_SINGLE | FLAG_SET_DAILY
 
 # --- record layouts ----------------------------------------------------------

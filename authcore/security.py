@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .constants import ANSWER_DTYPE, Op, Status
+from .constants import ANSWER_DTYPE, FLAG_OR_PURCHASE, Op, Status
 
 log = logging.getLogger("authcore.security")
 audit_log = logging.getLogger("authcore.audit")
@@ -409,6 +409,9 @@ class Security:
                 refused = np.full(len(requests), REFUSE_FORBIDDEN, np.uint8)
             else:
                 bad = ~c.allowed[requests["op"]]
+                # An ISO reversal without field 90 may refund a purchase
+                # (FLAG_OR_PURCHASE, decided by the kernel): it needs both.
+                bad |= ((requests["flags"] & FLAG_OR_PURCHASE) != 0) & ~c.allowed[int(Op.refund)]
                 if bad.any():
                     refused = bad.astype(np.uint8) * REFUSE_FORBIDDEN
             if refused is not None:

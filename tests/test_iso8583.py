@@ -309,7 +309,9 @@ def ref_record(doc: dict):
         return None
     else:
         amount = original
-    return (op, ref_id("R", rrn, mid, doc), hold, 0, amount, 0, 0, 0, 0)
+    # Without field 90 the kernel may refund the 0200 instead (FLAG_OR_PURCHASE).
+    alt = ref_id("P", rrn, mid) if "90" not in doc else 0
+    return (op, ref_id("R", rrn, mid, doc), hold, alt, amount, 0, 0, 0, 0)
 
 
 @HYP
@@ -624,6 +626,35 @@ def test_0400_reversal_releases_the_hold_and_0420_repeats_it(world):
     assert held(eng, ALICE) == 0 and balance(eng, ALICE) == ALICE_FUNDS
     # A reversal with no authorisation: no_auth.
     assert c.call({"t": "0400", **base(rrn="000000000777")})["39"] == "25"
+
+
+def test_a_reversal_without_field_90_reverses_a_purchase_in_order(world):
+    """SPEC §7: a reversal finds its transaction by 37 + 42.  Without field
+    90 and with no 0100 under them, the 0200's is refunded: decided by the
+    kernel in order, so a 0200 in the same write (one batch) counts."""
+    eng, _srv, connect = world
+    c = connect()
+    buy = {"t": "0200", **base(amount=3000, rrn="PURCH0000001")}
+    rev = {"t": "0420", **base(amount=3000, rrn="PURCH0000001", stan="000002")}
+    c.sock.sendall(frame(enc(buy)) + frame(enc(rev)))  # back to back: one batch
+    got_buy, got_rev = c.recv(), c.recv()
+    assert got_buy["39"] == "00" and (got_rev["t"], got_rev["39"], got_rev["38"]) == ("0430", "00", got_buy["38"])
+    assert balance(eng, ALICE) == ALICE_FUNDS and balance(eng, SHOP) == 0
+    assert c.call({**rev, "t": "0421"}) == got_rev  # its repeat: the first answer, 38 included
+    assert c.call({**rev, "11": "000003"})["39"] == "13"  # a new reversal: nothing left to refund
+    # Field 95 (1,000 stands) refunds 1,500 of 2,500; no field 4: all that is left.
+    assert c.call({"t": "0200", **base(amount=2500, rrn="PURCH0000002")})["39"] == "00"
+    stands = f"{1000:012d}" + "0" * 30
+    assert c.call({"t": "0400", **base(amount=2500, rrn="PURCH0000002", stan="000005", **{"95": stands})})["39"] == "00"
+    assert balance(eng, ALICE) == ALICE_FUNDS - 1000
+    no4 = {k: v for k, v in base(rrn="PURCH0000002", stan="000006").items() if k != "4"}
+    assert c.call({"t": "0400", **no4})["39"] == "00"
+    assert balance(eng, ALICE) == ALICE_FUNDS
+    # Where a 0100 has the 37 + 42, it is the one reversed.
+    assert c.call({"t": "0200", **base(amount=700, rrn="PURCH0000003")})["39"] == "00"
+    assert c.call({"t": "0100", **base(amount=400, rrn="PURCH0000003")})["39"] == "00"
+    assert c.call({"t": "0400", **base(amount=400, rrn="PURCH0000003", stan="000007")})["39"] == "00"
+    assert held(eng, ALICE) == 0 and balance(eng, ALICE) == ALICE_FUNDS - 700
 
 
 def test_partial_reversal_by_field_95(world):

@@ -167,6 +167,32 @@ def test_custom_ops_list_overrides_role(tmp_path):
             assert c.authorize(id=1, account=1, amount=1, currency=978)["status"] == "not_permitted"
 
 
+def test_a_void_that_may_refund_a_purchase_needs_refund_permission_too(tmp_path):
+    """An ISO reversal without field 90 is a void the kernel may turn into a
+    refund of the purchase (FLAG_OR_PURCHASE): a client allowed void but not
+    refund may not send it; plain voids stay allowed."""
+    from types import SimpleNamespace
+
+    from authcore.constants import FLAG_OR_PURCHASE
+    from authcore.metrics import Metrics
+    from authcore.security import Security
+
+    cfg = keyed_config(tmp_path, clients=[{"name": "gw", "role": "gateway", "ops": ["purchase", "void", "query"]},
+                                          {"name": "adm", "role": "admin"}])
+    sec = Security(cfg, Metrics())
+    try:
+        reqs = np.zeros(3, REQUEST_DTYPE)
+        reqs["op"] = [Op.void, Op.void, Op.purchase]
+        reqs["flags"] = [0, FLAG_OR_PURCHASE, 0]
+        for name, want in (("gw", [0, 1, 0]), ("adm", None)):
+            session = SimpleNamespace(client=sec.by_name[name], bucket=None, client_name=name,
+                                      protocol_name="iso8583", peer="test")
+            refused = sec.check(session, reqs)
+            assert (refused is None) if want is None else ((refused != 0).astype(int).tolist() == want)
+    finally:
+        sec.close()
+
+
 # --- rate limits ------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from authcore.constants import (
     ANSWER_DTYPE,
     FLAG_NO_CARD,
+    FLAG_OR_PURCHASE,
     REQUEST_DTYPE,
     STATUS_CODE,
     Channel,
@@ -183,6 +184,7 @@ cdef uint8_t CH_ONLINE = Channel.online
 cdef uint8_t CH_QR = Channel.qr
 cdef uint8_t CH_CARD_PRESENT = Channel.card_present
 cdef uint8_t NO_CARD = FLAG_NO_CARD
+cdef uint8_t OR_PURCHASE = FLAG_OR_PURCHASE
 cdef int64_t AMOUNT_WIRE_MAX = 999_999_999_999  # 12 digits
 
 
@@ -616,6 +618,7 @@ cdef struct Msg:
     uint16_t ln[N_ECHO]
     int32_t rec           # index into the records (-1: answered here)
     uint64_t code_id      # id whose auth code goes in field 38 on approval
+    uint64_t alt_code_id  # ... when the engine reversed the purchase instead (FLAG_OR_PURCHASE)
     uint8_t resp_mti[MTI_CHARS]
     uint8_t code[2]       # field 39 of an answer made here
     uint8_t cls
@@ -698,6 +701,7 @@ cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Re
     cdef int err = parse_fields(p, n, off, ln, &where)
     m.rec = -1
     m.code_id = 0
+    m.alt_code_id = 0
     m.cls = CLS_NONE
     m.reason = E_OK
     m.field = 0
@@ -787,7 +791,16 @@ cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Re
                 m.reason = E_BAD_VALUE
                 m.field = 90
                 return 1
+        else:
+            # No original MTI: the 0100's hold; if there is none but a 0200
+            # with the same 37 + 42, the kernel refunds that purchase
+            # (FLAG_OR_PURCHASE: `to` names it, `single_limit` the amount).
+            r.flags |= OR_PURCHASE
+            r.to = class_id(CLS_PURCHASE, p + off[37], p + off[42])
+            m.alt_code_id = r.to
         amount = digits_value(p + off[4], ln[4]) if off[4] >= 0 else -1
+        if r.flags & OR_PURCHASE:
+            r.single_limit = amount if amount > 0 else 0  # 0: all still refundable
         if off[95] >= 0:
             # Partial reversal (ISO 8583-1987): field 4 is the original
             # amount, field 95's first 12 digits the amount that stands.
@@ -796,6 +809,8 @@ cdef int process(const uint8_t* base, Py_ssize_t start, Py_ssize_t n, Msg* m, Re
                 m.reason = E_BAD_VALUE
                 m.field = 95
                 return 1
+            if r.flags & OR_PURCHASE:
+                r.single_limit = amount - actual
             amount = amount - actual if actual > 0 or r.op == OP_REFUND else 0
         elif r.op == OP_VOID:
             amount = 0  # the whole remaining hold
@@ -907,7 +922,10 @@ cdef class Batch:
                 f = ECHO_FIELD[k]
                 if f == 41:  # 38 and 39 come before 41
                     if approved:
-                        put_auth_code(code38, m.code_id)
+                        # A reversal that refunded the purchase (the kernel's
+                        # choice, remembered with the answer's op) shows its code.
+                        put_auth_code(code38, m.alt_code_id if (m.alt_code_id != 0 and a != NULL
+                                                                and a.op == OP_REFUND) else m.code_id)
                         fields[nf] = 38
                         data[nf] = code38
                         lens[nf] = 6

@@ -50,7 +50,7 @@ assert header_size == 16
 assert HELLO.size == 16 and HELLO_OK.size == 36
 hello_bytes_max = HELLO.size + 256  # the hello plus an API key (security.api_key_bytes_max)
 
-# Flags a client may set in a request record; FLAG_NO_CARD is ISO-internal.
+# Flags a client may set in a request record; FLAG_NO_CARD and FLAG_OR_PURCHASE are ISO-internal.
 client_flags = FLAG_ALLOW_PARTIAL | FLAG_SET_ALL
 _flags_unknown = np.uint8(~client_flags & 0xFF)
 _pad_offset = REQUEST_DTYPE.fields["_pad"][1]

@@ -158,6 +158,10 @@ ctypedef struct State:
 # authcore.records.auth_code in C (SPEC §10.11): 6 base-36 digits of
 # splitmix64(id), least significant first.  Shared by the protocol codecs;
 # tests check it against the Python reference.
+cdef enum:
+    AUTH_CODE_CHARS = 6
+
+
 cdef inline void put_auth_code(uint8_t* out, uint64_t x) noexcept nogil:
     cdef const char* base36 = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     cdef uint64_t z = x + 0x9E3779B97F4A7C15ULL
@@ -165,6 +169,6 @@ cdef inline void put_auth_code(uint8_t* out, uint64_t x) noexcept nogil:
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
     z = z ^ (z >> 31)
     cdef int i
-    for i in range(6):
+    for i in range(AUTH_CODE_CHARS):
         out[i] = base36[z % 36]
         z //= 36

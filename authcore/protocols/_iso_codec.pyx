@@ -369,25 +369,6 @@ cdef uint64_t message_id(int cls, const uint8_t* rrn, const uint8_t* merchant,
     return nonzero(blake2b64(buf, n))
 
 
-def request_id(str mti_class, bytes rrn, bytes merchant, f7=None, f11=None, f41=None):
-    """The id the listener gives a request: class "A" (0100), "P" (0200) from
-    rrn = field 37 (12) and merchant = field 42 (15) alone; "C" (0220) and
-    "R" (0400/0420) also from fields 7 (10), 11 (6) and 41 (8), None if absent."""
-    assert len(rrn) == 12 and len(merchant) == 15
-    tags = {"A": CLS_AUTH, "P": CLS_PURCHASE, "C": CLS_COMPLETION, "R": CLS_REVERSAL}
-    cls = tags[mti_class]
-    if cls == CLS_AUTH or cls == CLS_PURCHASE:
-        assert f7 is None and f11 is None and f41 is None, "A and P ids are 37 + 42 only"
-        return class_id(cls, rrn, merchant)
-    cdef const uint8_t* fp[3]
-    for i, (f, n) in enumerate(((f7, F7_CHARS), (f11, F11_CHARS), (f41, F41_CHARS))):
-        assert f is None or (type(f) is bytes and len(f) == n), (f, n)
-        fp[i] = NULL
-        if f is not None:
-            fp[i] = <const uint8_t*>PyBytes_AS_STRING(f)
-    return message_id(cls, rrn, merchant, fp[0], fp[1], fp[2])
-
-
 def blake2b_64(bytes data):
     """BLAKE2b-64 of up to 128 bytes (tested against hashlib)."""
     assert len(data) <= 128
